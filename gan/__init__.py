@@ -1,0 +1,1 @@
+"""gan: train generative adversarial networks on anime faces with JAX and Flax."""
