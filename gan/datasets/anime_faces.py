@@ -1,0 +1,253 @@
+"""The Kaggle "animefacedataset" as a TFDS dataset, prepared from the user's download.
+
+63,565 JPEG face crops of about 90-120 px (splcher, scraped from getchu.com), laid out as
+`images/<id>_<year>.jpg`. The builder reads them from the TFDS manual dir (`data.path`): either
+the downloaded `archive.zip` (any *.zip there holding `images/...`) or its unpacked `images/`
+folder. Preparing checks every file once, skips and counts the bad ones, and writes TFRecords
+into `data.tfds_data_dir`; after that the download is no longer needed.
+
+Stored images: the original JPEG bytes whenever the file is already an RGB or grayscale JPEG
+(as the Kaggle crops are): no second lossy encoding, the smallest files, and the fastest
+preparation. Anything else (a CMYK JPEG, a PNG named .jpg, ...) is converted to RGB and
+re-encoded as JPEG at quality 95, so every stored image is a JPEG that TensorFlow decodes too.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import io
+import itertools
+import os
+import time
+import zipfile
+from collections.abc import Iterator
+from concurrent import futures
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from gan.datasets import image_folder
+from gan.errors import UserError
+
+# TensorFlow only feeds data; the accelerators belong to JAX. (RuntimeError: TensorFlow's
+# devices were already initialised by whoever imported it first.)
+with contextlib.suppress(RuntimeError):
+  tf.config.set_visible_devices([], "GPU")
+
+KAGGLE_URL = "https://www.kaggle.com/datasets/splcher/animefacedataset"
+_IMAGES_DIR = "images"
+_CHUNK = 512  # files checked together in the thread pool
+_JPEG_QUALITY = 95
+
+
+class AnimeFaces(tfds.core.GeneratorBasedBuilder):
+  """Anime face crops from the Kaggle "animefacedataset" (splcher)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Original JPEGs kept; bad files skipped and counted."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+  Download the Kaggle dataset "splcher/animefacedataset" from {KAGGLE_URL}
+  (the "Download" button gives archive.zip, about 400 MB; or
+  `kaggle datasets download -d splcher/animefacedataset`) and put archive.zip into the manual
+  dir (data.path). Unzipping it there instead, so that the dir holds images/<id>_<year>.jpg,
+  works too.
+  """
+  # The builder downloads nothing, so it has no checksums file beside its code. Saying so also
+  # keeps TFDS 4.9.10 from importing `importlib_resources`, a dependency it forgot to declare
+  # (tensorflow/datasets#11212).
+  code_path = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Anime face crops (about 90-120 px) from the Kaggle animefacedataset.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "file_name": tfds.features.Text(),
+        }
+      ),
+      homepage=KAGGLE_URL,
+      metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(str(dl_manager.manual_dir))}
+
+  def _generate_examples(self, manual_dir):
+    start = time.time()
+    files = find_files(manual_dir)
+    contents = files.contents()
+    skipped = collections.Counter()
+    with futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+      # Chunks keep the order and bound the memory; the checks run in parallel.
+      for chunk_start in range(0, len(files.names), _CHUNK):
+        names = files.names[chunk_start : chunk_start + _CHUNK]
+        datas = list(itertools.islice(contents, len(names)))
+        for name, (image, reason) in zip(names, pool.map(_stored_image, datas), strict=True):
+          if reason:
+            skipped[reason] += 1
+          else:
+            yield name, {"image": image, "file_name": name}
+    self.info.metadata["skipped"] = dict(skipped)
+    total = len(files.names)
+    if skipped:
+      logging.warning("anime_faces: %s", image_folder.skip_summary(skipped, total, manual_dir))
+    logging.info("anime_faces: checked %d files in %.1f s", total, time.time() - start)
+
+
+def _stored_image(data: bytes) -> tuple[bytes | None, str | None]:
+  """(the bytes to store, None) for a good file; (None, reason) for a bad one."""
+  reason = image_folder.skip_reason(data, min_image_size=1)
+  if reason:
+    return None, reason
+  with Image.open(io.BytesIO(data)) as original:
+    if original.format == "JPEG" and original.mode in ("RGB", "L"):
+      return data, None
+  rgb, _ = image_folder.load_rgb(data)
+  buffer = io.BytesIO()
+  rgb.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+  return buffer.getvalue(), None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Files:
+  """The images found in a manual dir.
+
+  Attributes:
+    names: their paths below the images/ folder, sorted: the same for the zip and the unpacked
+      folder, so both prepare the same dataset in the same order.
+    paths: where to read each: a file path, or a member of `archive`.
+    archive: the zip they are in, or None for an unpacked folder.
+  """
+
+  names: list[str]
+  paths: list[str]
+  archive: str | None = None
+
+  def contents(self) -> Iterator[bytes]:
+    """The bytes of each file, in order."""
+    if self.archive is None:
+      for path in self.paths:
+        with open(path, "rb") as f:
+          yield f.read()
+      return
+    with zipfile.ZipFile(self.archive) as zf:
+      for member in self.paths:
+        yield zf.read(member)
+
+
+def find_files(manual_dir: str) -> _Files:
+  """The images in the manual dir: its images/ folder, else the first zip holding images/.
+
+  Raises:
+    UserError: if neither is there.
+  """
+  folder = os.path.join(manual_dir, _IMAGES_DIR)
+  if os.path.isdir(folder) and (paths := image_folder.find_images(folder)):
+    return _Files([os.path.relpath(path, folder) for path in paths], paths)
+  for archive in _zips(manual_dir):
+    try:
+      with zipfile.ZipFile(archive) as zf:
+        members = sorted(
+          info.filename
+          for info in zf.infolist()
+          if not info.is_dir()
+          and f"/{info.filename}".rsplit("/", 2)[-2] == _IMAGES_DIR
+          and os.path.splitext(info.filename)[1].lower() in image_folder.IMAGE_EXTENSIONS
+        )
+    except (zipfile.BadZipFile, OSError):
+      continue
+    if members:
+      return _Files([member.rsplit("/", 1)[-1] for member in members], members, archive)
+  raise _missing_files_error(manual_dir)
+
+
+def _zips(manual_dir: str) -> list[str]:
+  """The zip files in the manual dir (or the manual dir itself, if it names a zip)."""
+  if manual_dir.lower().endswith(".zip") and os.path.isfile(manual_dir):
+    return [manual_dir]
+  if not os.path.isdir(manual_dir):
+    return []
+  return sorted(
+    os.path.join(manual_dir, name)
+    for name in os.listdir(manual_dir)
+    if name.lower().endswith(".zip")
+  )
+
+
+def _missing_files_error(manual_dir: str) -> UserError:
+  where = f"data.path {manual_dir}" if manual_dir else "data.path (now empty)"
+  return UserError(
+    f"anime_faces files not found in {where}: download archive.zip of the Kaggle dataset "
+    f'"splcher/animefacedataset" from {KAGGLE_URL} and put it (or its unpacked images/ folder) '
+    "into that folder, set with --config.data.path=DIR"
+  )
+
+
+def prepare(manual_dir: str, data_dir: str) -> AnimeFaces:
+  """The prepared builder, preparing it from the manual dir first if needed.
+
+  Args:
+    manual_dir: where archive.zip or images/ lies (data.path); unused once prepared.
+    data_dir: where TFDS keeps prepared datasets (data.tfds_data_dir); '' is TFDS's default.
+
+  Raises:
+    UserError: if the dataset is not prepared yet and the manual dir lacks the files.
+  """
+  builder = AnimeFaces(data_dir=data_dir or None)
+  if builder.is_prepared():
+    return builder
+  if not manual_dir:
+    raise _missing_files_error(manual_dir)
+  find_files(manual_dir)  # fails early, in words, if the files are not there
+  start = time.time()
+  logging.info("anime_faces: preparing from %s into %s", manual_dir, builder.data_dir)
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  )
+  logging.info(
+    "anime_faces: prepared %d images in %.1f s",
+    builder.info.splits["train"].num_examples,
+    time.time() - start,
+  )
+  return builder
+
+
+# Image sizes per prepared dataset dir, so num_examples and create_dataset share one pass.
+_sizes: dict[str, np.ndarray] = {}
+_logged: set[str] = set()
+
+
+def encoded_images(builder: AnimeFaces, min_image_size: int) -> tuple[tf.data.Dataset, int]:
+  """The stored JPEGs at least `min_image_size` on both sides, in a fixed order.
+
+  Returns:
+    A dataset of {'image': JPEG bytes, 'file_name': str} and how many elements it has.
+  """
+  read_config = tfds.ReadConfig(try_autocache=False)
+  examples = builder.as_dataset(
+    split="train",
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=read_config,
+  )
+  key = os.fspath(builder.data_dir)
+  if key not in _sizes:
+    shapes = examples.map(
+      lambda example: tf.image.extract_jpeg_shape(example["image"])[:2],
+      num_parallel_calls=tf.data.AUTOTUNE,
+    ).batch(4096)
+    _sizes[key] = np.concatenate(list(shapes.as_numpy_iterator()) or [np.zeros((0, 2), np.int32)])
+  keep = (_sizes[key] >= min_image_size).all(axis=1)
+  num_small = int((~keep).sum())
+  message = image_folder.skip_summary(collections.Counter({"too small": num_small}), len(keep), key)
+  if num_small and message not in _logged:
+    _logged.add(message)
+    logging.warning("anime_faces: %s", message)
+  keep = tf.constant(keep)
+  examples = examples.enumerate().filter(lambda i, _: keep[i]).map(lambda _, example: example)
+  return examples, int(keep.numpy().sum())
