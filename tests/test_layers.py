@@ -1,0 +1,93 @@
+"""The phase-decomposed k4-s2 upsampling against lax.conv_transpose, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from gan.errors import UserError
+from gan.models import layers
+
+
+def _reference(x, kernel):
+  return jax.lax.conv_transpose(
+    x,
+    kernel,
+    strides=(2, 2),
+    padding=layers.LAX_PADDING,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+def _random_pair(seed, batch, height, width, c_in, c_out):
+  # numpy, not jax.random: eager jax ops compile once per new shape, which is most of a test's time.
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, height, width, c_in), np.float32)
+  kernel = rng.standard_normal((4, 4, c_in, c_out), np.float32)
+  return x, kernel
+
+
+_shapes = st.tuples(
+  st.integers(0, 2**16),  # seed
+  st.integers(1, 3),  # batch
+  st.integers(1, 7),  # height
+  st.integers(1, 7),  # width
+  st.integers(1, 6),  # c_in
+  st.integers(1, 5),  # c_out
+)
+
+
+def test_lax_padding_gives_exactly_double_the_size():
+  x, kernel = _random_pair(0, 2, 5, 3, 4, 2)
+  assert _reference(x, kernel).shape == (2, 10, 6, 2)
+
+
+@jax.jit
+def _values_and_gradients(x, kernel, cotangent):
+  """(output, (d/dx, d/dkernel) of <output, cotangent>) for ours and for lax, in one compile."""
+  results = []
+  for fn in (layers.conv_transpose_k4s2, _reference):
+    y, vjp = jax.vjp(fn, x, kernel)
+    results.append((y, vjp(cotangent)))
+  return results
+
+
+@settings(max_examples=10, deadline=None)
+@given(_shapes)
+@example((0, 1, 1, 1, 1, 1))
+@example((1, 2, 3, 8, 5, 3))
+def test_upsampling_equals_lax_conv_transpose_in_value_and_gradient(shape):
+  x, kernel = _random_pair(*shape)
+  cotangent = np.random.default_rng(7).standard_normal(
+    (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], kernel.shape[-1]), np.float32
+  )
+  ours, theirs = _values_and_gradients(x, kernel, cotangent)
+  np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+  for grad_ours, grad_theirs in zip(ours[1], theirs[1], strict=True):
+    np.testing.assert_allclose(grad_ours, grad_theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_upconv_module_adds_its_bias_to_the_transposed_convolution():
+  layer = layers.UpConv(3, 5, bias_init=nnx.initializers.ones_init(), rngs=nnx.Rngs(0))
+  x, _ = _random_pair(1, 2, 4, 6, 3, 5)
+  expected = _reference(x, layer.kernel[...]) + 1.0
+  np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_upconv_computes_in_bfloat16_with_float32_parameters():
+  layer = layers.UpConv(3, 5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x, _ = _random_pair(2, 2, 4, 4, 3, 5)
+  assert layer.kernel[...].dtype == jnp.float32
+  assert layer(x).dtype == jnp.bfloat16
+
+
+def test_unknown_activation_is_a_user_error():
+  with pytest.raises(UserError, match="model.activation"):
+    layers.get_activation("tanh-ish")
+
+
+def test_dcgan_leaky_relu_has_slope_one_fifth():
+  np.testing.assert_allclose(layers.leaky_relu(jnp.array([-1.0, 2.0])), [-0.2, 2.0])
