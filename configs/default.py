@@ -1,0 +1,68 @@
+"""Settings shared by every recipe; configs/dcgan.py and configs/dense.py build on these.
+
+Not a recipe by itself: it has no model section. Use configs/dcgan.py or configs/dense.py.
+"""
+
+import ml_collections
+
+# The arguments every recipe accepts after the colon, e.g. `--config=configs/dcgan.py:smoke`.
+ARGS = ("smoke", "synthetic")
+
+
+def get_config(arg=None):
+  """Returns the shared defaults: the anime-faces data, the DCGAN optimiser, the intervals."""
+  config = ml_collections.ConfigDict()
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = "anime_faces"  # synthetic_faces | anime_faces | image_folder
+  data.path = ""  # image_folder: the folder; anime_faces: where archive.zip or images/ lies
+  data.resolution = 64  # side of the square training images, in pixels
+  data.num_examples = 20_000  # synthetic_faces only: how many images it draws
+  data.seed = 0  # synthetic_faces only: the seed that draws the dataset (not the training seed)
+  data.random_flip = True  # mirror images left-right at random: faces are near symmetric
+  data.shuffle_buffer = 20_000  # examples shuffled together; >= the dataset size is a full shuffle
+  data.cache = True  # keep decoded, resized images in memory after the first epoch
+  data.tfds_data_dir = ""  # where TFDS keeps the prepared anime_faces; '' is TFDS's default
+  data.min_image_size = 16  # images smaller than this on either side are skipped and counted
+
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 128  # images per step, the DCGAN paper's batch
+  train.num_steps = 20_000  # total generator updates (about 40 epochs of the 63k Kaggle set)
+  train.seed = 0  # root of every random number in the run: init, noise, dropout
+  train.loss = "non_saturating"  # non_saturating | hinge | least_squares
+  train.g_lr = 2e-4  # generator Adam learning rate (DCGAN paper)
+  train.d_lr = 2e-4  # discriminator Adam learning rate (DCGAN paper)
+  train.b1 = 0.5  # Adam beta1: 0.5 rather than 0.9 steadies GAN training (DCGAN paper)
+  train.b2 = 0.999  # Adam beta2
+  train.d_steps = 1  # discriminator updates per generator update, each with fresh noise
+  train.ema_decay = 0.999  # EMA of G's weights used for samples; 0 turns it off
+  train.log_every = 50  # steps between scalar logs (the only regular device->host fetch)
+
+  config.checkpoint = checkpoint = ml_collections.ConfigDict()
+  checkpoint.every = 1000  # steps between checkpoints; the last step is always saved
+  checkpoint.keep_latest = 3  # the newest checkpoints kept
+  checkpoint.keep_every = 5000  # also keep every checkpoint whose step is a multiple of this
+  checkpoint.asynchronous = True  # save in the background while training goes on
+
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.every = 1000  # steps between sample grids (TensorBoard and samples/*.png)
+  evaluation.grid_size = 64  # samples in the grid, drawn from one fixed noise batch
+
+  # Start from this saved step instead of the latest one; later checkpoints are moved aside.
+  config.restore_step = ml_collections.config_dict.placeholder(int)
+
+  if arg not in (None, *ARGS):
+    raise ValueError(f"unknown config argument {arg!r}; expected one of {', '.join(ARGS)}")
+  if arg in ("smoke", "synthetic"):
+    data.source = "synthetic_faces"
+  if arg == "smoke":
+    data.resolution = 32
+    data.num_examples = 1024
+    data.shuffle_buffer = 1024
+    train.batch_size = 32
+    train.log_every = 10
+    checkpoint.every = 20
+    checkpoint.keep_every = 0
+    evaluation.every = 20
+    evaluation.grid_size = 16
+  return config

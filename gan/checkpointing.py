@@ -1,0 +1,91 @@
+"""The one place that talks to Orbax: saving, listing and restoring the whole TrainState.
+
+Checkpoints live in WORKDIR/checkpoints/<step>/ with the metrics of the step they were saved at.
+Orbax writes each one to a temporary directory and renames it when complete, so a process killed
+mid-save leaves every earlier checkpoint intact and the half-written one invisible.
+"""
+
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers as policies
+
+from gan.errors import UserError
+
+ASIDE_DIR = "checkpoints_aside"
+
+
+class Checkpointer:
+  """Saves and restores TrainState pytrees under one directory with a preservation policy."""
+
+  def __init__(self, directory: str, config):
+    """Args: directory, usually WORKDIR/checkpoints; config, the `checkpoint` config section."""
+    self.directory = os.path.abspath(directory)
+    keep = [policies.LatestN(n=config.keep_latest)]
+    if config.keep_every:
+      keep.append(policies.EveryNSteps(interval_steps=config.keep_every))
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=policies.AnyPreservationPolicy(keep),
+      # Orbax stores a checkpoint's metrics only when it ranks checkpoints; the preservation
+      # policy above decides what is kept, so every checkpoint ranks the same.
+      best_fn=lambda metrics: 0.0,
+      enable_async_checkpointing=config.asynchronous,
+      create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def metrics(self, step: int) -> Mapping[str, Any] | None:
+    return self._manager.metrics(step)
+
+  def save(self, step: int, state, metrics: Mapping[str, float]) -> None:
+    """Starts saving `state` as `step` (in the background when asynchronous)."""
+    self._manager.save(
+      step, args=ocp.args.StandardSave(state), metrics={k: float(v) for k, v in metrics.items()}
+    )
+
+  def restore(self, step: int, target):
+    """Restores the state saved at `step` into the structure, dtypes and sharding of `target`."""
+    if step not in self.all_steps():
+      raise UserError(f"no checkpoint at step {step} in {self.directory}; {self._describe_steps()}")
+    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+  def set_aside_after(self, step: int) -> list[int]:
+    """Moves checkpoints newer than `step` to WORKDIR/checkpoints_aside/<time>/, never deleting.
+
+    Training then continues from `step` and saves its own newer checkpoints in their place.
+    Returns the steps moved.
+    """
+    later = [s for s in self.all_steps() if s > step]
+    if later:
+      self._manager.wait_until_finished()
+      aside = os.path.join(
+        os.path.dirname(self.directory), ASIDE_DIR, time.strftime("%Y%m%d-%H%M%S")
+      )
+      os.makedirs(aside, exist_ok=True)
+      for s in later:
+        shutil.move(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+      logging.info("Moved checkpoints of steps %s aside to %s", later, aside)
+      self._manager.reload()
+    return later
+
+  def wait(self) -> None:
+    """Blocks until every save in flight is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def _describe_steps(self) -> str:
+    steps = self.all_steps()
+    return f"saved steps: {', '.join(map(str, steps))}" if steps else "it holds no checkpoints"

@@ -1,0 +1,69 @@
+"""What every script shares: quiet libraries, GPUs hidden from TensorFlow, one-line user errors."""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+
+from gan.errors import UserError
+
+# TensorFlow's C++ start-up chatter; set before any module imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+class _OnlyWarningsFrom(std_logging.Filter):
+  """Drops INFO records from the named packages: Orbax logs every step of every save."""
+
+  def __init__(self, *packages: str):
+    super().__init__()
+    self._paths = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+      p in record.pathname for p in self._paths
+    )
+
+
+def _one_line(error: Exception) -> str:
+  # config_flags wraps what a config file raises in a quoted message with its traceback.
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = lines[-1:]
+  text = " ".join(lines)
+  if isinstance(error, AttributeError | KeyError) and "Did you mean" in text:
+    text = "no such config field: " + text.replace("'", "")
+  return text
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or config file reported in one line."""
+  try:
+    argv = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      # config_flags defers a config file's load errors to first use: surface them now.
+      flags.FLAGS.config.to_dict()
+    return argv
+  except Exception as e:  # config files raise anything; all of it is the user's to fix
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main) -> None:
+  """Runs `main(argv)` under absl; a UserError becomes one line on stderr and exit status 2."""
+
+  def wrapped(argv):
+    import tensorflow as tf  # here, after flag parsing, so --help and flag errors stay fast
+
+    # tf.data runs on the host; the accelerators belong to JAX.
+    tf.config.set_visible_devices([], "GPU")
+    logging.get_absl_handler().addFilter(_OnlyWarningsFrom("orbax", "jax"))
+    try:
+      return main(argv)
+    except UserError as e:
+      logging.flush()
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,79 @@
+"""Where a run reports: TensorBoard event files through clu writers, and the console.
+
+The only module that creates metric writers, so every script logs the same way.
+"""
+
+import contextlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """A TensorBoard writer for WORKDIR that writes in a background thread."""
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Flattens a nested config into {'a.b': value} with values TensorBoard's hparams accept."""
+  flat = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten_config(value, f"{name}."))
+    elif value is None or isinstance(value, (tuple, list)):
+      flat[name] = str(value)
+    else:
+      flat[name] = value
+  return flat
+
+
+class Progress:
+  """Console lines a person can follow: step/total, images/s, ETA and the losses."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int):
+    self._total = total_steps
+    self._batch_size = batch_size
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Leaves the time spent inside out of the throughput (samples, checkpoints)."""
+    start = time.perf_counter()
+    yield
+    self._last_time += time.perf_counter() - start
+
+  def images_per_second(self, step: int) -> float:
+    """Throughput since the previous call; call it right after a device->host fetch."""
+    now = time.perf_counter()
+    rate = (step - self._last_step) * self._batch_size / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    return rate
+
+  def log(self, step: int, images_per_second: float, scalars: Mapping[str, float]) -> None:
+    steps_per_second = images_per_second / self._batch_size
+    eta = (self._total - step) / steps_per_second if steps_per_second > 0 else float("inf")
+    width = len(str(self._total))
+    logging.info(
+      "step %*d/%d  %6.1f img/s  ETA %s  d_loss %.4f  g_loss %.4f  D(real) %.3f  D(fake) %.3f",
+      width,
+      step,
+      self._total,
+      images_per_second,
+      _duration(eta),
+      scalars["d_loss"],
+      scalars["g_loss"],
+      scalars["d_real"],
+      scalars["d_fake"],
+    )
+
+
+def _duration(seconds: float) -> str:
+  if seconds == float("inf"):
+    return "--:--:--"
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

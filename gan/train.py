@@ -1,0 +1,354 @@
+"""Training: the TrainState pytree, the pure train step, and the loop around it.
+
+The loop feeds batches from the input pipeline to a jit-compiled `train_step`, fetches metrics
+from the device only every `train.log_every` steps, writes sample grids every `eval.every` steps
+and checkpoints every `checkpoint.every` steps. Restarting with the same workdir resumes from the
+latest checkpoint, with the data order and random numbers an uninterrupted run would have had.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from gan import checkpointing, input_pipeline, losses, models, monitoring, sampling
+from gan.errors import UserError
+
+# Keys folded into the root key for purposes other than a train step (steps use their number).
+_INIT_KEY = 2**32 - 1
+_FIXED_NOISE_KEY = 2**32 - 2
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that decides a run's future; Orbax saves it and rollback restores it."""
+
+  step: jax.Array  # generator updates done
+  g_params: dict
+  g_batch_stats: dict
+  g_opt_state: optax.OptState
+  d_params: dict
+  d_batch_stats: dict
+  d_opt_state: optax.OptState
+  ema_params: dict  # exponential moving average of g_params, used for samples
+  rng: jax.Array  # the root key; step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  """The static half of a run: the module graphs and optimisers that act on a TrainState."""
+
+  generator: nnx.GraphDef
+  discriminator: nnx.GraphDef
+  g_optimizer: optax.GradientTransformation
+  d_optimizer: optax.GradientTransformation
+  latent_dim: int
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError on settings that cannot work, before any work starts."""
+  train = config.train
+  positive = {
+    "train.batch_size": train.batch_size,
+    "train.num_steps": train.num_steps,
+    "train.d_steps": train.d_steps,
+    "train.log_every": train.log_every,
+    "checkpoint.every": config.checkpoint.every,
+    "checkpoint.keep_latest": config.checkpoint.keep_latest,
+    "eval.every": config.eval.every,
+    "eval.grid_size": config.eval.grid_size,
+    "model.latent_dim": config.model.latent_dim,
+  }
+  for name, value in positive.items():
+    if value <= 0:
+      raise UserError(f"{name} must be positive, got {value}")
+  if not 0 <= train.ema_decay < 1:
+    raise UserError(f"train.ema_decay must be in [0, 1), got {train.ema_decay}")
+  if train.g_lr <= 0 or train.d_lr <= 0:
+    raise UserError(f"learning rates must be positive, got {train.g_lr} and {train.d_lr}")
+  if config.checkpoint.keep_every < 0:
+    raise UserError(f"checkpoint.keep_every must be >= 0, got {config.checkpoint.keep_every}")
+  losses.check_name(train.loss)
+  if config.restore_step is not None and config.restore_step < 0:
+    raise UserError(f"restore_step must be >= 0, got {config.restore_step}")
+
+
+def _adam(config: ml_collections.ConfigDict, learning_rate: float):
+  # The learning rate lives in the optimiser state, so it is saved, logged and can be changed.
+  return optax.inject_hyperparams(optax.adam)(
+    learning_rate=learning_rate, b1=config.train.b1, b2=config.train.b2
+  )
+
+
+def create_train_state(config: ml_collections.ConfigDict) -> tuple[Networks, TrainState]:
+  """Builds the networks and their initial state from `config.train.seed`."""
+  rng = jax.random.PRNGKey(config.train.seed)
+
+  def build(key):
+    return models.create_models(config.model, config.data.resolution, rngs=nnx.Rngs(key))
+
+  # The graphs come from shapes alone; the values are made under jit, which is several times
+  # faster on CPU than running each initialiser eagerly.
+  abstract_g, abstract_d = nnx.eval_shape(lambda: build(jax.random.PRNGKey(0)))
+  nets = Networks(
+    generator=nnx.graphdef(abstract_g),
+    discriminator=nnx.graphdef(abstract_d),
+    g_optimizer=_adam(config, config.train.g_lr),
+    d_optimizer=_adam(config, config.train.d_lr),
+    latent_dim=config.model.latent_dim,
+  )
+
+  @jax.jit
+  def init(rng):
+    generator, discriminator = build(jax.random.fold_in(rng, _INIT_KEY))
+    g_params = nnx.state(generator, nnx.Param).to_pure_dict()
+    d_params = nnx.state(discriminator, nnx.Param).to_pure_dict()
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      g_params=g_params,
+      g_batch_stats=nnx.state(generator, nnx.BatchStat).to_pure_dict(),
+      g_opt_state=nets.g_optimizer.init(g_params),
+      d_params=d_params,
+      d_batch_stats=nnx.state(discriminator, nnx.BatchStat).to_pure_dict(),
+      d_opt_state=nets.d_optimizer.init(d_params),
+      ema_params=g_params,
+      rng=rng,
+    )
+
+  return nets, init(rng)
+
+
+def _apply(graph, params, batch_stats, x, *, train, rngs=None, **kwargs):
+  """Runs a module given its state; returns its output and its updated batch statistics."""
+  module = nnx.merge(graph, params, batch_stats)
+  out = module(x, train=train, rngs=rngs, **kwargs) if rngs is not None else module(x, train=train)
+  return out, nnx.state(module, nnx.BatchStat).to_pure_dict()
+
+
+def generate(nets: Networks, params, batch_stats, z: jax.Array) -> jax.Array:
+  """G's images for noise `z`, normalised with the batch's own statistics.
+
+  Batch statistics rather than running averages: the running averages belong to the raw
+  weights, not to their EMA, and are poor early in training (the PyTorch DCGAN example samples
+  the same way).
+  """
+  images, _ = _apply(nets.generator, params, batch_stats, z, train=True)
+  return images
+
+
+def discriminator_loss(nets: Networks, loss: str, d_params, d_stats, real, fake, key):
+  """D's loss on a real and a generated batch; returns it with (new d_stats, real/fake logits)."""
+  rngs = nnx.Rngs(dropout=key)
+  real_logits, d_stats = _apply(nets.discriminator, d_params, d_stats, real, train=True, rngs=rngs)
+  fake_logits, d_stats = _apply(nets.discriminator, d_params, d_stats, fake, train=True, rngs=rngs)
+  d_loss = losses.discriminator_loss(loss, real_logits, fake_logits)
+  return d_loss, (d_stats, real_logits, fake_logits)
+
+
+def d_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainState, real, rng):
+  """One discriminator update against a fresh generated batch; returns (state, metrics)."""
+  z_key, drop_key = jax.random.split(rng)
+  z = jax.random.normal(z_key, (real.shape[0], nets.latent_dim))
+  fake, g_stats = _apply(nets.generator, state.g_params, state.g_batch_stats, z, train=True)
+  (d_loss, (d_stats, real_logits, fake_logits)), grads = jax.value_and_grad(
+    discriminator_loss, argnums=2, has_aux=True
+  )(
+    nets,
+    config.loss,
+    state.d_params,
+    state.d_batch_stats,
+    real,
+    jax.lax.stop_gradient(fake),
+    drop_key,
+  )
+  updates, opt_state = nets.d_optimizer.update(grads, state.d_opt_state, state.d_params)
+  state = state.replace(
+    d_params=optax.apply_updates(state.d_params, updates),
+    d_batch_stats=d_stats,
+    d_opt_state=opt_state,
+    g_batch_stats=g_stats,
+  )
+  metrics = {
+    "d_loss": d_loss,
+    "d_real": jnp.mean(jax.nn.sigmoid(real_logits)),
+    "d_fake": jnp.mean(jax.nn.sigmoid(fake_logits)),
+    "d_grad_norm": optax.global_norm(grads),
+  }
+  return state, metrics
+
+
+def g_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainState, batch_size, rng):
+  """One generator update through the current D; returns (state, metrics)."""
+  z_key, drop_key = jax.random.split(rng)
+  z = jax.random.normal(z_key, (batch_size, nets.latent_dim))
+
+  def loss_fn(g_params):
+    fake, g_stats = _apply(nets.generator, g_params, state.g_batch_stats, z, train=True)
+    # D's statistics from this pass are discarded: only its own update moves them.
+    logits, _ = _apply(
+      nets.discriminator,
+      state.d_params,
+      state.d_batch_stats,
+      fake,
+      train=True,
+      rngs=nnx.Rngs(dropout=drop_key),
+    )
+    return losses.generator_loss(config.loss, logits), g_stats
+
+  (g_loss, g_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.g_params)
+  updates, opt_state = nets.g_optimizer.update(grads, state.g_opt_state, state.g_params)
+  state = state.replace(
+    g_params=optax.apply_updates(state.g_params, updates),
+    g_batch_stats=g_stats,
+    g_opt_state=opt_state,
+  )
+  return state, {"g_loss": g_loss, "g_grad_norm": optax.global_norm(grads)}
+
+
+def train_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainState, batch, rng):
+  """`train.d_steps` discriminator updates, one generator update, and the EMA of G.
+
+  Args:
+    nets: the static graphs and optimisers.
+    config: the `train` config section.
+    state: the current TrainState.
+    batch: {'image': float [B, R, R, 3] in [-1, 1], ...}; every D update sees this real batch.
+    rng: this step's key, fold_in(state.rng, step).
+
+  Returns:
+    The new state and a dict of scalar metrics (device arrays; fetched by the caller when needed).
+  """
+  real = batch["image"]
+  for i in range(config.d_steps):
+    state, d_metrics = d_step(nets, config, state, real, jax.random.fold_in(rng, i))
+  state, g_metrics = g_step(
+    nets, config, state, real.shape[0], jax.random.fold_in(rng, config.d_steps)
+  )
+
+  # Warm-up as in tf.train.ExponentialMovingAverage: early samples follow the weights closely.
+  step = state.step + 1
+  decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
+  ema_params = jax.tree.map(
+    lambda e, p: decay * e + (1 - decay) * p, state.ema_params, state.g_params
+  )
+  metrics = {
+    **d_metrics,
+    **g_metrics,
+    "g_param_norm": optax.global_norm(state.g_params),
+    "d_param_norm": optax.global_norm(state.d_params),
+    "g_lr": state.g_opt_state.hyperparams["learning_rate"],
+    "d_lr": state.d_opt_state.hyperparams["learning_rate"],
+  }
+  return state.replace(step=step, ema_params=ema_params), metrics
+
+
+def _fixed_noise(workdir: str, state: TrainState, nets: Networks, size: int) -> np.ndarray:
+  """The noise batch behind every sample grid of a run: drawn once, saved in the workdir."""
+  path = os.path.join(workdir, "fixed_noise.npy")
+  if os.path.exists(path):
+    noise = np.load(path)
+    if noise.shape == (size, nets.latent_dim):
+      return noise
+  key = jax.random.fold_in(state.rng, _FIXED_NOISE_KEY)
+  noise = np.asarray(jax.random.normal(key, (size, nets.latent_dim)))
+  np.save(path, noise)
+  return noise
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, restore_step: int | None):
+  """Returns the state to start from: a chosen step, else the latest checkpoint, else `state`."""
+  if restore_step is not None:
+    if restore_step not in ckpt.all_steps():
+      ckpt.restore(restore_step, state)  # raises the error that lists the saved steps
+    ckpt.set_aside_after(restore_step)
+    step = restore_step
+  else:
+    step = ckpt.latest_step()
+  if step is None:
+    return state
+  logging.info("Restoring the checkpoint of step %d from %s", step, ckpt.directory)
+  return ckpt.restore(step, state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains per `config`, writing checkpoints, TensorBoard events and samples to `workdir`.
+
+  Returns:
+    The final TrainState.
+  """
+  validate_config(config)
+  # The data source is checked before anything is written, so a bad path leaves no debris.
+  input_pipeline.num_examples(config.data)
+  nets, state = create_train_state(config)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(workdir, config)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  state = _restore(ckpt, state, config.restore_step)
+  start_step = int(state.step)
+  num_steps = config.train.num_steps
+
+  writer = monitoring.create_writer(workdir)
+  if start_step == 0:
+    writer.write_hparams(monitoring.flatten_config(config.to_dict()))
+  noise = _fixed_noise(workdir, state, nets, config.eval.grid_size)
+  step_fn = jax.jit(functools.partial(train_step, nets, config.train), donate_argnums=0)
+  sample_fn = jax.jit(functools.partial(generate, nets))
+
+  batches = input_pipeline.create_dataset(
+    config.data, batch_size=config.train.batch_size, seed=config.train.seed, start_step=start_step
+  )
+  progress = monitoring.Progress(num_steps, config.train.batch_size, start_step)
+  logging.info("Training from step %d to %d in %s", start_step, num_steps, workdir)
+  pending = []  # metrics of the steps since the last fetch, still on the device
+  scalars = {}
+  for step in range(start_step + 1, num_steps + 1):
+    batch = next(batches)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(state.rng, step - 1))
+    pending.append(metrics)
+    last = step == num_steps
+
+    if step % config.train.log_every == 0 or last:
+      fetched = jax.device_get(pending)
+      pending = []
+      scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      bad = [k for k, v in scalars.items() if not np.isfinite(v)]
+      if bad:
+        raise FloatingPointError(
+          f"non-finite {', '.join(bad)} by step {step}; the last checkpoint is step "
+          f"{ckpt.latest_step()}. Lower the learning rates or restart from an earlier step."
+        )
+      scalars["images_per_second"] = progress.images_per_second(step)
+      writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+      progress.log(step, scalars["images_per_second"], scalars)
+
+    with progress.paused():
+      if step % config.eval.every == 0 or last:
+        images = sample_fn(state.ema_params, state.g_batch_stats, noise)
+        grid = sampling.make_grid(np.asarray(images))
+        writer.write_images(step, {"samples": grid[None]})
+        sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+      if step % config.checkpoint.every == 0 or last:
+        ckpt.save(step, state, scalars)
+
+  writer.flush()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  logging.info("Done: %d steps; checkpoints in %s", num_steps, ckpt.directory)
+  return state

@@ -1,0 +1,35 @@
+"""Shared test helpers: small real configs."""
+
+import pytest
+
+from configs import dcgan, dense
+
+_RECIPES = {"dcgan": dcgan, "dense": dense}
+
+
+def tiny_config(family: str, **overrides):
+  """The `smoke` config of a family, shrunk further so a run takes seconds."""
+  config = _RECIPES[family].get_config("smoke")
+  config.data.num_examples = 128
+  config.data.shuffle_buffer = 128
+  config.train.batch_size = 8
+  config.train.num_steps = 4
+  config.train.log_every = 2
+  config.checkpoint.every = 2
+  config.checkpoint.asynchronous = False
+  config.eval.every = 2
+  config.eval.grid_size = 4
+  if family == "dcgan":
+    config.model.base_width = 8
+  else:
+    config.model.g_widths = (32,)
+    config.model.d_widths = (32,)
+  for dotted, value in overrides.items():
+    section, _, field = dotted.rpartition("__")
+    (config[section] if section else config)[field] = value
+  return config
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  return str(tmp_path / "run")

@@ -1,0 +1,118 @@
+"""Whole runs: the smoke configs through the real script, restarts, and user mistakes."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from gan import train
+from gan.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_script(*args):
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "scripts", "train.py"), *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def _events(workdir):
+  """TensorBoard's own reader over the run's event files: {tag: [(step, value)]}."""
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  return {tag: acc.Tensors(tag) for tag in acc.Tags()["tensors"]}
+
+
+def _saved_steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+@pytest.mark.parametrize("family", ["dcgan", "dense"])
+def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
+  result = _run_script(f"--config=configs/{family}.py:smoke", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  num_steps = config["train"]["num_steps"]
+  assert _saved_steps(workdir)[-1] == num_steps
+
+  events = _events(workdir)
+  for tag in [
+    "train/d_loss",
+    "train/g_loss",
+    "train/d_real",
+    "train/d_fake",
+    "train/g_grad_norm",
+    "train/d_param_norm",
+    "train/g_lr",
+    "train/images_per_second",
+  ]:
+    assert events[tag][-1].step == num_steps, tag
+    value = float(np.asarray(tensor_util.make_ndarray(events[tag][-1].tensor_proto)))
+    assert np.isfinite(value), tag
+  grid_events = events["samples"]
+  assert grid_events[-1].step == num_steps
+  encoded = tensor_util.make_ndarray(grid_events[-1].tensor_proto)
+  width, height = int(encoded[0]), int(encoded[1])  # the image plugin stores [w, h, png...]
+  assert width > config["data"]["resolution"] and height > config["data"]["resolution"]
+
+  pngs = sorted(glob.glob(os.path.join(workdir, "samples", "step_*.png")))
+  assert os.path.basename(pngs[-1]) == f"step_{num_steps:07d}.png"
+  assert "step" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
+
+
+def test_restart_resumes_where_the_last_run_stopped_and_matches_an_unbroken_run(tmp_path):
+  broken, unbroken = str(tmp_path / "broken"), str(tmp_path / "unbroken")
+  train.train_and_evaluate(tiny_config("dcgan", train__num_steps=2), broken)
+  assert _saved_steps(broken) == [2]
+  resumed = train.train_and_evaluate(tiny_config("dcgan", train__num_steps=4), broken)
+  assert _saved_steps(broken) == [2, 4]
+  straight = train.train_and_evaluate(tiny_config("dcgan", train__num_steps=4), unbroken)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_restore_step_starts_from_an_earlier_checkpoint(workdir):
+  train.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
+  assert _saved_steps(workdir) == [2, 4, 6]
+  config = tiny_config("dense", train__num_steps=6)
+  config.restore_step = 2
+  train.train_and_evaluate(config, workdir)
+  assert _saved_steps(workdir) == [2, 4, 6]
+  assert glob.glob(os.path.join(workdir, "checkpoints_aside", "*", "4"))
+
+
+def test_restore_step_that_was_never_saved_is_one_clear_error(workdir):
+  train.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
+  config = tiny_config("dense")
+  config.restore_step = 3
+  with pytest.raises(UserError, match="no checkpoint at step 3.*saved steps: 2"):
+    train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize(
+  ("flag", "message"),
+  [
+    ("--config.train.batchsize=3", "batchsize"),
+    ("--config.train.batch_size=-1", "train.batch_size must be positive"),
+    ("--config.data.source=imagenet", "imagenet"),
+  ],
+)
+def test_user_mistakes_are_one_line_without_a_traceback(flag, message, workdir):
+  result = _run_script("--config=configs/dense.py:smoke", f"--workdir={workdir}", flag)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr

@@ -1,0 +1,111 @@
+"""The train state, the train step and the loop, on tiny real configs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from gan import losses, train
+from gan.errors import UserError
+
+
+def _real_batch(config, seed=0):
+  resolution = config.data.resolution
+  rng = np.random.default_rng(seed)
+  shape = (config.train.batch_size, resolution, resolution, 3)
+  return {"image": rng.uniform(-1, 1, shape).astype(np.float32)}
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("family", ["dcgan", "dense"])
+def test_train_state_holds_both_networks_and_starts_at_step_zero(family):
+  _, state = train.create_train_state(tiny_config(family))
+  assert int(state.step) == 0
+  assert jax.tree.leaves(state.g_params) and jax.tree.leaves(state.d_params)
+  _assert_trees_equal(state.ema_params, state.g_params)
+
+
+def test_discriminator_update_lowers_its_loss_on_a_fixed_batch():
+  config = tiny_config("dcgan")
+  nets, state = train.create_train_state(config)
+  real = jnp.asarray(_real_batch(config)["image"])
+  z = jax.random.normal(jax.random.PRNGKey(1), (real.shape[0], nets.latent_dim))
+  fake = train.generate(nets, state.g_params, state.g_batch_stats, z)
+  key = jax.random.PRNGKey(2)
+
+  def loss_of(s):
+    return float(
+      train.discriminator_loss(
+        nets, "non_saturating", s.d_params, s.d_batch_stats, real, fake, key
+      )[0]
+    )
+
+  before = loss_of(state)
+  for i in range(3):
+    state, _ = train.d_step(nets, config.train, state, real, jax.random.PRNGKey(10 + i))
+  assert loss_of(state) < before
+
+
+def test_train_step_advances_the_step_and_reports_finite_metrics():
+  config = tiny_config("dense")
+  nets, state = train.create_train_state(config)
+  step = jax.jit(functools.partial(train.train_step, nets, config.train))
+  state, metrics = step(state, _real_batch(config), jax.random.PRNGKey(0))
+  assert int(state.step) == 1
+  expected = {"d_loss", "g_loss", "d_real", "d_fake", "g_grad_norm", "d_grad_norm"}
+  assert expected <= set(metrics)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert float(metrics["g_lr"]) == pytest.approx(config.train.g_lr)
+
+
+def test_train_step_is_deterministic_for_a_seed():
+  config = tiny_config("dcgan")
+  nets, _ = train.create_train_state(config)
+  step = jax.jit(functools.partial(train.train_step, nets, config.train))
+  results = []
+  for _ in range(2):
+    _, state = train.create_train_state(config)
+    for i in range(2):
+      state, _ = step(state, _real_batch(config, seed=i), jax.random.fold_in(state.rng, i))
+    results.append(state)
+  _assert_trees_equal(results[0], results[1])
+
+
+def test_d_steps_runs_that_many_discriminator_updates():
+  config = tiny_config("dense", train__d_steps=3)
+  nets, state = train.create_train_state(config)
+  state, _ = train.train_step(nets, config.train, state, _real_batch(config), jax.random.PRNGKey(0))
+  assert int(state.d_opt_state.count) == 3
+  assert int(state.g_opt_state.count) == 1
+
+
+@pytest.mark.parametrize("name", ["non_saturating", "hinge", "least_squares"])
+def test_each_loss_rewards_d_for_telling_real_from_fake(name):
+  confident = losses.discriminator_loss(name, jnp.full(8, 5.0), jnp.full(8, -5.0))
+  fooled = losses.discriminator_loss(name, jnp.full(8, -5.0), jnp.full(8, 5.0))
+  assert confident < fooled
+  assert losses.generator_loss(name, jnp.full(8, 5.0)) < losses.generator_loss(
+    name, jnp.full(8, -5.0)
+  )
+
+
+@pytest.mark.parametrize(
+  ("field", "value", "message"),
+  [
+    ("train__batch_size", 0, "train.batch_size must be positive"),
+    ("train__num_steps", -5, "train.num_steps must be positive"),
+    ("train__ema_decay", 1.0, "train.ema_decay"),
+    ("train__loss", "wasserstein", "unknown train.loss"),
+    ("eval__every", 0, "eval.every must be positive"),
+  ],
+)
+def test_bad_settings_are_refused_before_any_work(field, value, message):
+  with pytest.raises(UserError, match=message):
+    train.validate_config(tiny_config("dcgan", **{field: value}))
