@@ -3,8 +3,9 @@
 Both networks are NNX modules whose whole state is `nnx.Param` + `nnx.BatchStat`, so
 `graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)` captures them and
 `nnx.merge` inside jit rebuilds them; dropout keys come with each call, never from the module.
-Inside a function that `jax.grad` differentiates, merge with `copy=True`: BatchNorm writes its
-statistics there, and Variables from an enclosing trace cannot be written (TraceContextError).
+Inside a function that `jax.grad` differentiates, merge pure dicts (`State.to_pure_dict()`) or
+pass `copy=True`: BatchNorm writes its statistics there, and State Variables that come from an
+enclosing trace cannot be written in it (TraceContextError).
 
     generator(z, *, train) -> images [B, R, R, 3] in [-1, 1], float32
     discriminator(x, *, train, rngs=None) -> logits [B], float32
