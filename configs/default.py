@@ -48,6 +48,20 @@ def get_config(arg=None):
   evaluation.every = 1000  # steps between sample grids (TensorBoard and samples/*.png)
   evaluation.grid_size = 64  # samples in the grid, drawn from one fixed noise batch
 
+  config.collapse = collapse = ml_collections.ConfigDict()
+  collapse.rollback = True  # on a collapsed verdict, go back to the last healthy checkpoint
+  collapse.num_samples = 256  # generated (and real) images the health signals are measured on
+  collapse.num_pairs = 512  # random pairs behind each mean MS-SSIM
+  collapse.duplicate_distance = 0.1  # RMS pixel distance ([-1, 1] units) of a near duplicate
+  collapse.warmup_steps = 2000  # before this step only non-finite values make a verdict
+  # Out of bounds (a "suspect" evaluation) when any of these is crossed:
+  collapse.max_ms_ssim_gap = 0.2  # samples' mean MS-SSIM above the real images' by more than this
+  collapse.max_duplicate_rate = 0.25  # more than this fraction of samples are near duplicates
+  collapse.min_mode_coverage = 0.5  # synthetic_faces: fewer modes than this x the real images'
+  collapse.patience = 2  # suspect evaluations in a row that make a collapse
+  collapse.max_rollbacks = 5  # stop with an error after this many rollbacks in one run
+  collapse.lr_factor = 1.0  # multiply both learning rates by this at each rollback
+
   # Start from this saved step instead of the latest one; later checkpoints are moved aside.
   config.restore_step = ml_collections.config_dict.placeholder(int)
 
@@ -65,4 +79,7 @@ def get_config(arg=None):
     checkpoint.keep_every = 0
     evaluation.every = 20
     evaluation.grid_size = 16
+    collapse.num_samples = 64
+    collapse.warmup_steps = 1000  # past the end: a smoke run is too short to judge diversity
+    collapse.num_pairs = 128
   return config

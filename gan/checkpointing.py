@@ -5,10 +5,11 @@ Orbax writes each one to a temporary directory and renames it when complete, so 
 mid-save leaves every earlier checkpoint intact and the half-written one invisible.
 """
 
+import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -18,6 +19,23 @@ from orbax.checkpoint import checkpoint_managers as policies
 from gan.errors import UserError
 
 ASIDE_DIR = "checkpoints_aside"
+VERDICT = "health/verdict"  # the metric holding a checkpoint's verdict, 0 = healthy
+
+
+def is_healthy(metrics: Mapping[str, Any] | None) -> bool:
+  """Whether a checkpoint's metrics carry a healthy verdict (older ones without any count too)."""
+  return not metrics or metrics.get(VERDICT, 0) == 0
+
+
+@dataclasses.dataclass
+class LastHealthy(policies.PreservationPolicy):
+  """Keeps the newest healthy checkpoint, however many unhealthy ones come after it."""
+
+  def should_preserve(
+    self, checkpoints: Sequence[policies.PolicyCheckpointInfo], *, context
+  ) -> Sequence[bool]:
+    healthy = [i for i, info in enumerate(checkpoints) if is_healthy(info.metrics)]
+    return [bool(healthy) and i == healthy[-1] for i in range(len(checkpoints))]
 
 
 class Checkpointer:
@@ -26,7 +44,7 @@ class Checkpointer:
   def __init__(self, directory: str, config):
     """Args: directory, usually WORKDIR/checkpoints; config, the `checkpoint` config section."""
     self.directory = os.path.abspath(directory)
-    keep = [policies.LatestN(n=config.keep_latest)]
+    keep = [policies.LatestN(n=config.keep_latest), LastHealthy()]
     if config.keep_every:
       keep.append(policies.EveryNSteps(interval_steps=config.keep_every))
     options = ocp.CheckpointManagerOptions(
@@ -47,6 +65,11 @@ class Checkpointer:
 
   def metrics(self, step: int) -> Mapping[str, Any] | None:
     return self._manager.metrics(step)
+
+  def last_healthy_step(self, before: int) -> int | None:
+    """The newest step before `before` whose checkpoint was judged healthy, if any."""
+    healthy = [s for s in self.all_steps() if s < before and is_healthy(self.metrics(s))]
+    return healthy[-1] if healthy else None
 
   def save(self, step: int, state, metrics: Mapping[str, float]) -> None:
     """Starts saving `state` as `step` (in the background when asynchronous)."""

@@ -8,6 +8,7 @@ latest checkpoint, with the data order and random numbers an uninterrupted run w
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 
@@ -20,12 +21,14 @@ import optax
 from absl import logging
 from flax import nnx
 
-from gan import checkpointing, input_pipeline, losses, models, monitoring, sampling
+from gan import checkpointing, collapse, input_pipeline, losses, models, monitoring, sampling
 from gan.errors import UserError
 
 # Keys folded into the root key for purposes other than a train step (steps use their number).
 _INIT_KEY = 2**32 - 1
 _FIXED_NOISE_KEY = 2**32 - 2
+_HEALTH_KEY = 2**32 - 3
+_ROLLBACK_KEY = 2**32 - 4  # minus the number of earlier rollbacks
 
 
 @flax.struct.dataclass
@@ -78,6 +81,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.checkpoint.keep_every < 0:
     raise UserError(f"checkpoint.keep_every must be >= 0, got {config.checkpoint.keep_every}")
   losses.check_name(train.loss)
+  if config.checkpoint.every % config.eval.every:
+    raise UserError(
+      f"checkpoint.every ({config.checkpoint.every}) must be a multiple of eval.every "
+      f"({config.eval.every}), so that every checkpoint carries a fresh health verdict"
+    )
+  if config.collapse.num_samples < 2 or config.collapse.patience < 1:
+    raise UserError("collapse.num_samples must be >= 2 and collapse.patience >= 1")
   if config.restore_step is not None and config.restore_step < 0:
     raise UserError(f"restore_step must be >= 0, got {config.restore_step}")
 
@@ -285,66 +295,178 @@ def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, restore_step: 
   return ckpt.restore(step, state)
 
 
+def _batches(config: ml_collections.ConfigDict, start_step: int):
+  return input_pipeline.create_dataset(
+    config.data, batch_size=config.train.batch_size, seed=config.train.seed, start_step=start_step
+  )
+
+
+def _peek_images(batches, count: int):
+  """The first `count` images of `batches`, and an iterator that still yields every batch."""
+  head = []
+  while sum(len(b["image"]) for b in head) < count:
+    head.append(next(batches))
+  images = np.concatenate([b["image"] for b in head])[:count]
+  return images, itertools.chain(head, batches)
+
+
+def _scale_learning_rates(state: TrainState, factor: float) -> TrainState:
+  def scale(opt_state):
+    rate = opt_state.hyperparams["learning_rate"] * factor
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": rate})
+
+  return state.replace(g_opt_state=scale(state.g_opt_state), d_opt_state=scale(state.d_opt_state))
+
+
+def _roll_back(ckpt, abstract_state, step: int, rollbacks: int, config, reasons):
+  """Restores the newest healthy checkpoint before `step` (or the initial state) and changes
+  what made the run fall: a new random stream, and the learning rates times collapse.lr_factor.
+
+  Returns:
+    The state to carry on from and the rollback's record.
+  """
+  target = ckpt.last_healthy_step(before=step)
+  if target is None:
+    _, state = create_train_state(config)
+  else:
+    state = ckpt.restore(target, abstract_state)
+  ckpt.set_aside_after(target or 0)
+  state = state.replace(rng=jax.random.fold_in(state.rng, _ROLLBACK_KEY - rollbacks))
+  state = _scale_learning_rates(state, config.collapse.lr_factor)
+  event = {
+    "from_step": step,
+    "to_step": target or 0,
+    "reason": "; ".join(reasons),
+    "rollback": rollbacks + 1,
+    "g_lr": float(state.g_opt_state.hyperparams["learning_rate"]),
+    "d_lr": float(state.d_opt_state.hyperparams["learning_rate"]),
+  }
+  return state, event
+
+
+def _count_rollbacks(workdir: str) -> int:
+  path = os.path.join(workdir, collapse.ROLLBACKS_FILE)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return sum(1 for line in f if line.strip())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains per `config`, writing checkpoints, TensorBoard events and samples to `workdir`.
 
+  Every `eval.every` steps the generator's health is judged (gan/collapse.py); on a collapse the
+  run goes back to its last healthy checkpoint by itself and carries on with new random numbers.
+
   Returns:
     The final TrainState.
+
+  Raises:
+    UserError: for a bad config or data; CollapseError (one) when the run collapses with
+      rollback off or more often than collapse.max_rollbacks.
   """
   validate_config(config)
   # The data source is checked before anything is written, so a bad path leaves no debris.
   input_pipeline.num_examples(config.data)
-  nets, state = create_train_state(config)
+  nets, initial = create_train_state(config)
   os.makedirs(workdir, exist_ok=True)
   _write_config(workdir, config)
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  state = _restore(ckpt, state, config.restore_step)
-  start_step = int(state.step)
+  # Shapes, dtypes and placement to restore into; the state's own buffers are donated to steps.
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial
+  )
+  state = _restore(ckpt, initial, config.restore_step)
+  step = int(state.step)
   num_steps = config.train.num_steps
+  streak = int((ckpt.metrics(step) or {}).get("health/streak", 0)) if step else 0
+  rollbacks = _count_rollbacks(workdir)
 
   writer = monitoring.create_writer(workdir)
-  if start_step == 0:
+  if step == 0:
     writer.write_hparams(monitoring.flatten_config(config.to_dict()))
   noise = _fixed_noise(workdir, state, nets, config.eval.grid_size)
   step_fn = jax.jit(functools.partial(train_step, nets, config.train), donate_argnums=0)
   sample_fn = jax.jit(functools.partial(generate, nets))
 
-  batches = input_pipeline.create_dataset(
-    config.data, batch_size=config.train.batch_size, seed=config.train.seed, start_step=start_step
+  real_images, batches = _peek_images(_batches(config, step), config.collapse.num_samples)
+  health_key = jax.random.fold_in(initial.rng, _HEALTH_KEY)
+  probe = collapse.HealthProbe(
+    config,
+    real_images,
+    np.asarray(jax.random.normal(health_key, (config.collapse.num_samples, nets.latent_dim))),
+    functools.partial(generate, nets),
+    health_key,
   )
-  progress = monitoring.Progress(num_steps, config.train.batch_size, start_step)
-  logging.info("Training from step %d to %d in %s", start_step, num_steps, workdir)
+  progress = monitoring.Progress(num_steps, config.train.batch_size, step)
+  logging.info("Training from step %d to %d in %s", step, num_steps, workdir)
   pending = []  # metrics of the steps since the last fetch, still on the device
-  scalars = {}
-  for step in range(start_step + 1, num_steps + 1):
-    batch = next(batches)
-    state, metrics = step_fn(state, batch, jax.random.fold_in(state.rng, step - 1))
+  scalars, health = {}, {}
+  while step < num_steps:
+    state, metrics = step_fn(state, next(batches), jax.random.fold_in(state.rng, step))
+    step += 1
     pending.append(metrics)
     last = step == num_steps
 
+    nonfinite = False
     if step % config.train.log_every == 0 or last:
       fetched = jax.device_get(pending)
       pending = []
       scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      bad = [k for k, v in scalars.items() if not np.isfinite(v)]
-      if bad:
-        raise FloatingPointError(
-          f"non-finite {', '.join(bad)} by step {step}; the last checkpoint is step "
-          f"{ckpt.latest_step()}. Lower the learning rates or restart from an earlier step."
-        )
+      nonfinite = not all(np.isfinite(v) for v in scalars.values())
       scalars["images_per_second"] = progress.images_per_second(step)
       writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
       progress.log(step, scalars["images_per_second"], scalars)
 
     with progress.paused():
-      if step % config.eval.every == 0 or last:
+      if step % config.eval.every == 0 or last or nonfinite:
         images = sample_fn(state.ema_params, state.g_batch_stats, noise)
         grid = sampling.make_grid(np.asarray(images))
         writer.write_images(step, {"samples": grid[None]})
         sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+
+        signals = {**probe(state.g_params, state.g_batch_stats), "nonfinite": float(nonfinite)}
+        judgement = collapse.judge(signals, config.collapse, streak, step)
+        streak = judgement.streak
+        verdict = collapse.VERDICTS.index(judgement.verdict)
+        health = {f"health/{k}": v for k, v in signals.items()}
+        health.update({checkpointing.VERDICT: verdict, "health/streak": streak})
+        writer.write_scalars(step, health)
+        if judgement.verdict != collapse.HEALTHY:
+          logging.warning("Step %d: %s: %s", step, judgement.verdict, "; ".join(judgement.reasons))
+
+        if judgement.verdict == collapse.COLLAPSED:
+          if not config.collapse.rollback or rollbacks >= config.collapse.max_rollbacks:
+            why = (
+              "rollback is off (collapse.rollback)"
+              if not config.collapse.rollback
+              else f"after {rollbacks} rollbacks (collapse.max_rollbacks)"
+            )
+            raise collapse.CollapseError(
+              f"training collapsed at step {step} ({'; '.join(judgement.reasons)}) {why}; "
+              f"the last healthy checkpoint is step {ckpt.last_healthy_step(before=step)}"
+            )
+          ckpt.wait()
+          state, event = _roll_back(ckpt, abstract, step, rollbacks, config, judgement.reasons)
+          rollbacks += 1
+          collapse.record_rollback(workdir, event)
+          writer.write_texts(step, {"collapse/rollback": json.dumps(event)})
+          writer.write_scalars(step, {"collapse/rollbacks": rollbacks})
+          logging.warning(
+            "Rolled back from step %d to step %d (rollback %d of at most %d): %s",
+            event["from_step"],
+            event["to_step"],
+            rollbacks,
+            config.collapse.max_rollbacks,
+            event["reason"],
+          )
+          step, streak, pending = event["to_step"], 0, []
+          batches = _batches(config, step)
+          continue
+
       if step % config.checkpoint.every == 0 or last:
-        ckpt.save(step, state, scalars)
+        ckpt.save(step, state, {**scalars, **health})
 
   writer.flush()
   ckpt.wait()
