@@ -41,19 +41,23 @@ class LastHealthy(policies.PreservationPolicy):
 class Checkpointer:
   """Saves and restores TrainState pytrees under one directory with a preservation policy."""
 
-  def __init__(self, directory: str, config):
-    """Args: directory, usually WORKDIR/checkpoints; config, the `checkpoint` config section."""
+  def __init__(self, directory: str, config=None):
+    """Args: directory, usually WORKDIR/checkpoints; config, the `checkpoint` config section
+    (None: only read, list and move checkpoints; nothing is ever deleted)."""
     self.directory = os.path.abspath(directory)
-    keep = [policies.LatestN(n=config.keep_latest), LastHealthy()]
-    if config.keep_every:
-      keep.append(policies.EveryNSteps(interval_steps=config.keep_every))
+    if config is None:
+      keep = [policies.LatestN(n=None)]  # n=None keeps all
+    else:
+      keep = [policies.LatestN(n=config.keep_latest), LastHealthy()]
+      if config.keep_every:
+        keep.append(policies.EveryNSteps(interval_steps=config.keep_every))
     options = ocp.CheckpointManagerOptions(
       preservation_policy=policies.AnyPreservationPolicy(keep),
       # Orbax stores a checkpoint's metrics only when it ranks checkpoints; the preservation
       # policy above decides what is kept, so every checkpoint ranks the same.
       best_fn=lambda metrics: 0.0,
-      enable_async_checkpointing=config.asynchronous,
-      create=True,
+      enable_async_checkpointing=config is not None and config.asynchronous,
+      create=config is not None,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -8,8 +8,9 @@ from PIL import Image
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Maps images in [-1, 1] to uint8 [0, 255]."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+  """Maps images in [-1, 1] to uint8 [0, 255]; non-finite pixels (a diverged run) become black."""
+  images = np.nan_to_num(np.asarray(images, np.float32), nan=-1.0, posinf=1.0, neginf=-1.0)
+  return np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, padding: int = 2) -> np.ndarray:

@@ -1,0 +1,78 @@
+"""Lists a run's checkpoints, or sends the next training run back to an earlier one.
+
+    python scripts/checkpoints.py list --workdir=runs/dcgan
+    python scripts/checkpoints.py rollback --workdir=runs/dcgan --step=12000
+
+`rollback` moves the checkpoints after --step to WORKDIR/checkpoints_aside/<time>/ (nothing is
+deleted), so the next `scripts/train.py` run with this workdir continues from --step.
+"""
+
+import os
+
+from absl import flags
+
+from gan import checkpointing, cli, collapse
+from gan.errors import UserError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "rollback: the saved step to continue from.")
+
+# The metrics shown beside each step, when the checkpoint has them.
+_COLUMNS = (
+  ("d_loss", "d_loss", "{:.3f}"),
+  ("g_loss", "g_loss", "{:.3f}"),
+  ("modes", "health/modes_covered", "{:.0f}"),
+  ("kl", "health/kl_uniform", "{:.3f}"),
+  ("ms_ssim", "health/ms_ssim", "{:.3f}"),
+  ("dup", "health/duplicate_rate", "{:.2f}"),
+)
+
+
+def _open(workdir: str) -> checkpointing.Checkpointer:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise UserError(f"no checkpoints in {workdir}: {directory} does not exist")
+  return checkpointing.Checkpointer(directory)
+
+
+def _list(ckpt: checkpointing.Checkpointer) -> None:
+  steps = ckpt.all_steps()
+  if not steps:
+    raise UserError(f"{ckpt.directory} holds no checkpoints")
+  rows = [["step", "verdict", *(name for name, _, _ in _COLUMNS)]]
+  for step in steps:
+    metrics = ckpt.metrics(step) or {}
+    verdict = collapse.VERDICTS[int(metrics.get(checkpointing.VERDICT, 0))]
+    cells = [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in _COLUMNS]
+    rows.append([str(step), verdict, *cells])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  for row in rows:
+    print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def _rollback(ckpt: checkpointing.Checkpointer, step: int | None) -> None:
+  if step is None:
+    raise UserError("rollback needs --step=N, one of the saved steps (see the list command)")
+  if step not in ckpt.all_steps():
+    ckpt.restore(step, None)  # raises the error that lists the saved steps
+  moved = ckpt.set_aside_after(step)
+  aside = os.path.join(os.path.dirname(ckpt.directory), checkpointing.ASIDE_DIR)
+  print(
+    f"the next training run continues from step {step}; "
+    + (f"moved steps {', '.join(map(str, moved))} to {aside}" if moved else "nothing moved")
+  )
+
+
+def main(argv):
+  commands = {"list": _list, "rollback": lambda ckpt: _rollback(ckpt, _STEP.value)}
+  if len(argv) != 2 or argv[1] not in commands:
+    raise UserError(f"usage: checkpoints.py {{{'|'.join(commands)}}} --workdir=DIR [--step=N]")
+  ckpt = _open(_WORKDIR.value)
+  try:
+    commands[argv[1]](ckpt)
+  finally:
+    ckpt.close()
+
+
+if __name__ == "__main__":
+  cli.run(main)

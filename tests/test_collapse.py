@@ -1,0 +1,178 @@
+"""Collapse detection and rollback: the verdicts, the policy that keeps the last healthy
+checkpoint, and a run that diverges, is rolled back and recovers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from gan import checkpointing, collapse, train
+from gan.datasets import synthetic_faces
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _signals(**overrides):
+  signals = {
+    "ms_ssim": 0.11,
+    "ms_ssim_real": 0.10,
+    "duplicate_rate": 0.0,
+    "modes_covered": 200.0,
+    "modes_covered_real": 228.0,
+    "kl_uniform": 1.7,
+    "nonfinite": 0.0,
+  }
+  return {**signals, **overrides}
+
+
+def _config(**overrides):
+  config = tiny_config("dcgan").collapse
+  config.warmup_steps = 0
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_diverse_samples_are_healthy():
+  assert collapse.judge(_signals(), _config(), streak=0, step=10).verdict == collapse.HEALTHY
+
+
+@pytest.mark.parametrize(
+  "bad",
+  [{"ms_ssim": 0.6}, {"duplicate_rate": 0.9}, {"modes_covered": 20.0}],
+  ids=["ms_ssim", "duplicates", "modes"],
+)
+def test_one_signal_out_of_bounds_is_suspect_then_collapsed_after_patience(bad):
+  config = _config(patience=2)
+  first = collapse.judge(_signals(**bad), config, streak=0, step=10)
+  assert first.verdict == collapse.SUSPECT and first.reasons
+  second = collapse.judge(_signals(**bad), config, streak=first.streak, step=20)
+  assert second.verdict == collapse.COLLAPSED
+
+
+def test_a_healthy_evaluation_resets_the_streak():
+  judgement = collapse.judge(_signals(), _config(), streak=1, step=10)
+  assert judgement.streak == 0
+
+
+@pytest.mark.parametrize("bad", [{"nonfinite": 1.0}, {"ms_ssim": float("nan")}])
+def test_non_finite_values_are_a_collapse_at_once_even_in_warm_up(bad):
+  judgement = collapse.judge(_signals(**bad), _config(warmup_steps=1000), streak=0, step=1)
+  assert judgement.verdict == collapse.COLLAPSED
+  assert "non-finite" in judgement.reasons[0]
+
+
+def test_warm_up_ignores_a_young_generator_that_draws_one_face():
+  judgement = collapse.judge(_signals(ms_ssim=0.9), _config(warmup_steps=100), streak=0, step=50)
+  assert judgement.verdict == collapse.HEALTHY
+
+
+def test_probe_sees_a_generator_that_draws_one_face_as_collapsed():
+  config = tiny_config("dcgan")
+  config.collapse.warmup_steps = 0
+  n = config.collapse.num_samples
+  real, _ = synthetic_faces.render(n, config.data.resolution, seed=3)
+  real = real.astype(np.float32) / 127.5 - 1
+  noise = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+
+  def one_face(params, batch_stats, z):
+    return (
+      jnp.broadcast_to(params["face"], (z.shape[0], *params["face"].shape))
+      + 0.01 * z[:, :1, None, None]
+    )
+
+  probe = collapse.HealthProbe(config, real, noise, one_face, jax.random.PRNGKey(0))
+  signals = probe({"face": jnp.asarray(real[0])}, None)
+  assert signals["modes_covered"] <= 2 < signals["modes_covered_real"]
+  assert signals["duplicate_rate"] == 1.0
+  judgement = collapse.judge(signals, config.collapse, streak=config.collapse.patience - 1, step=1)
+  assert judgement.verdict == collapse.COLLAPSED
+
+
+def test_policy_never_drops_the_last_healthy_checkpoint(tmp_path):
+  config = tiny_config("dense").checkpoint
+  config.keep_latest = 2
+  _, state = train.create_train_state(tiny_config("dense"))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), config)
+  for step in range(2, 14, 2):
+    verdict = 0 if step <= 4 else 1
+    ckpt.save(step, state, {checkpointing.VERDICT: verdict})
+  ckpt.wait()
+  assert ckpt.all_steps() == [4, 10, 12]
+  assert ckpt.last_healthy_step(before=12) == 4
+
+
+def _rollbacks(workdir):
+  with open(os.path.join(workdir, collapse.ROLLBACKS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(workdir):
+  train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  # Poison the run: a checkpoint at step 5 whose learning rates make the next step non-finite,
+  # judged suspect, as the detector would have left it.
+  config = tiny_config("dense", train__num_steps=8)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  _, template = train.create_train_state(config)
+  state = ckpt.restore(4, template)
+  poisoned = train._scale_learning_rates(state.replace(step=jnp.int32(5)), 1e30)
+  ckpt.save(5, poisoned, {checkpointing.VERDICT: collapse.VERDICTS.index(collapse.SUSPECT)})
+  ckpt.wait()
+  ckpt.close()
+
+  final = train.train_and_evaluate(config, workdir)
+
+  (event,) = _rollbacks(workdir)
+  assert (event["from_step"], event["to_step"]) == (6, 4)
+  assert "non-finite" in event["reason"]
+  assert int(final.step) == 8
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final.g_params))
+  done = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert checkpointing.is_healthy(done.metrics(8))
+  aside = os.path.join(workdir, checkpointing.ASIDE_DIR)
+  assert any("5" in os.listdir(os.path.join(aside, d)) for d in os.listdir(aside))
+
+
+def test_with_rollback_off_a_collapse_stops_the_run_with_one_line(workdir):
+  config = tiny_config("dense", train__g_lr=1e30, train__d_lr=1e30)
+  config.collapse.rollback = False
+  with pytest.raises(collapse.CollapseError, match="training collapsed at step 2 .*non-finite"):
+    train.train_and_evaluate(config, workdir)
+
+
+def _checkpoints_script(*args):
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "scripts", "checkpoints.py"), *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
+  train.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
+  listed = _checkpoints_script("list", f"--workdir={workdir}")
+  assert listed.returncode == 0, listed.stderr[-2000:]
+  rows = [line.split() for line in listed.stdout.splitlines()]
+  assert rows[0][:2] == ["step", "verdict"]
+  assert [(row[0], row[1]) for row in rows[1:]] == [
+    ("2", "healthy"),
+    ("4", "healthy"),
+    ("6", "healthy"),
+  ]
+
+  missing = _checkpoints_script("rollback", f"--workdir={workdir}", "--step=3")
+  assert missing.returncode == 2
+  assert "saved steps: 2, 4, 6" in missing.stderr and "Traceback" not in missing.stderr
+
+  moved = _checkpoints_script("rollback", f"--workdir={workdir}", "--step=2")
+  assert moved.returncode == 0, moved.stderr[-2000:]
+  assert _checkpoints_script("list", f"--workdir={workdir}").stdout.count("healthy") == 1
+  resumed = train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  assert int(resumed.step) == 4
