@@ -1,5 +1,6 @@
 """Shared test helpers: small real configs."""
 
+import jax
 import pytest
 
 from configs import dcgan, dense
@@ -33,3 +34,11 @@ def tiny_config(family: str, **overrides):
 @pytest.fixture
 def workdir(tmp_path):
   return str(tmp_path / "run")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Shares compiled XLA programs between tests: many runs compile the same tiny networks."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
