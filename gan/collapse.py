@@ -32,7 +32,12 @@ ROLLBACKS_FILE = "rollbacks.jsonl"
 
 
 class CollapseError(UserError):
-  """Training collapsed more often than `collapse.max_rollbacks` allows."""
+  """Training collapsed with rollback off, or more often than `collapse.max_rollbacks` allows."""
+
+  def __init__(self, message: str, step: int, signals: Mapping[str, float]):
+    super().__init__(message)
+    self.step = step
+    self.signals = dict(signals)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,3 +131,12 @@ def record_rollback(workdir: str, event: Mapping) -> None:
   """Appends one JSON line per rollback to WORKDIR/rollbacks.jsonl."""
   with open(os.path.join(workdir, ROLLBACKS_FILE), "a") as f:
     f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event}) + "\n")
+
+
+def count_rollbacks(workdir: str) -> int:
+  """How many rollbacks WORKDIR/rollbacks.jsonl records."""
+  path = os.path.join(workdir, ROLLBACKS_FILE)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return sum(1 for line in f if line.strip())

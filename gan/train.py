@@ -344,14 +344,6 @@ def _roll_back(ckpt, abstract_state, step: int, rollbacks: int, config, reasons)
   return state, event
 
 
-def _count_rollbacks(workdir: str) -> int:
-  path = os.path.join(workdir, collapse.ROLLBACKS_FILE)
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    return sum(1 for line in f if line.strip())
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains per `config`, writing checkpoints, TensorBoard events and samples to `workdir`.
 
@@ -381,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step = int(state.step)
   num_steps = config.train.num_steps
   streak = int((ckpt.metrics(step) or {}).get("health/streak", 0)) if step else 0
-  rollbacks = _count_rollbacks(workdir)
+  rollbacks = collapse.count_rollbacks(workdir)
 
   writer = monitoring.create_writer(workdir)
   if step == 0:
@@ -445,7 +437,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
             raise collapse.CollapseError(
               f"training collapsed at step {step} ({'; '.join(judgement.reasons)}) {why}; "
-              f"the last healthy checkpoint is step {ckpt.last_healthy_step(before=step)}"
+              f"the last healthy checkpoint is step {ckpt.last_healthy_step(before=step)}",
+              step=step,
+              signals=signals,
             )
           ckpt.wait()
           state, event = _roll_back(ckpt, abstract, step, rollbacks, config, judgement.reasons)

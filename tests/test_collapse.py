@@ -176,3 +176,28 @@ def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
   assert _checkpoints_script("list", f"--workdir={workdir}").stdout.count("healthy") == 1
   resumed = train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   assert int(resumed.step) == 4
+
+
+def test_collapse_study_tabulates_each_seed(tmp_path):
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "scripts", "collapse_study.py"),
+      "--config=configs/dense.py:smoke",
+      f"--workdir={tmp_path}",
+      "--seeds=0",
+      "--rollback=off",
+      "--config.train.num_steps=4",
+      "--config.train.batch_size=8",
+      "--config.collapse.num_samples=16",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / "results.json") as f:
+    (row,) = json.load(f)
+  assert (row["seed"], row["rollback"], row["step"], row["collapsed_at"]) == (0, False, 4, None)
+  assert 0 < row["modes_covered"] <= 16
+  assert "| off | 0 | - | 0 | 4 |" in result.stdout
