@@ -11,6 +11,8 @@ import functools
 import itertools
 import json
 import os
+import signal
+import threading
 
 import flax
 import jax
@@ -295,6 +297,29 @@ def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, restore_step: 
   return ckpt.restore(step, state)
 
 
+class _StopRequest:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step, with a save."""
+
+  def __init__(self):
+    self.name = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals only reach it
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  @property
+  def requested(self) -> bool:
+    return self.name is not None
+
+  def _handle(self, signum, frame):
+    del frame
+    self.name = signal.Signals(signum).name
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def _batches(config: ml_collections.ConfigDict, start_step: int):
   return input_pipeline.create_dataset(
     config.data, batch_size=config.train.batch_size, seed=config.train.seed, start_step=start_step
@@ -395,76 +420,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info("Training from step %d to %d in %s", step, num_steps, workdir)
   pending = []  # metrics of the steps since the last fetch, still on the device
   scalars, health = {}, {}
-  while step < num_steps:
-    state, metrics = step_fn(state, next(batches), jax.random.fold_in(state.rng, step))
-    step += 1
-    pending.append(metrics)
-    last = step == num_steps
+  stop = _StopRequest()
+  try:
+    while step < num_steps:
+      state, metrics = step_fn(state, next(batches), jax.random.fold_in(state.rng, step))
+      step += 1
+      pending.append(metrics)
+      last = step == num_steps
 
-    nonfinite = False
-    if step % config.train.log_every == 0 or last:
-      fetched = jax.device_get(pending)
-      pending = []
-      scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      nonfinite = not all(np.isfinite(v) for v in scalars.values())
-      scalars["images_per_second"] = progress.images_per_second(step)
-      writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-      progress.log(step, scalars["images_per_second"], scalars)
+      nonfinite = False
+      if step % config.train.log_every == 0 or last:
+        fetched = jax.device_get(pending)
+        pending = []
+        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        nonfinite = not all(np.isfinite(v) for v in scalars.values())
+        scalars["images_per_second"] = progress.images_per_second(step)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        progress.log(step, scalars["images_per_second"], scalars)
 
-    with progress.paused():
-      if step % config.eval.every == 0 or last or nonfinite:
-        images = sample_fn(state.ema_params, state.g_batch_stats, noise)
-        grid = sampling.make_grid(np.asarray(images))
-        writer.write_images(step, {"samples": grid[None]})
-        sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+      with progress.paused():
+        if step % config.eval.every == 0 or last or nonfinite:
+          images = sample_fn(state.ema_params, state.g_batch_stats, noise)
+          grid = sampling.make_grid(np.asarray(images))
+          writer.write_images(step, {"samples": grid[None]})
+          sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
 
-        signals = {**probe(state.g_params, state.g_batch_stats), "nonfinite": float(nonfinite)}
-        judgement = collapse.judge(signals, config.collapse, streak, step)
-        streak = judgement.streak
-        verdict = collapse.VERDICTS.index(judgement.verdict)
-        health = {f"health/{k}": v for k, v in signals.items()}
-        health.update({checkpointing.VERDICT: verdict, "health/streak": streak})
-        writer.write_scalars(step, health)
-        if judgement.verdict != collapse.HEALTHY:
-          logging.warning("Step %d: %s: %s", step, judgement.verdict, "; ".join(judgement.reasons))
-
-        if judgement.verdict == collapse.COLLAPSED:
-          if not config.collapse.rollback or rollbacks >= config.collapse.max_rollbacks:
-            why = (
-              "rollback is off (collapse.rollback)"
-              if not config.collapse.rollback
-              else f"after {rollbacks} rollbacks (collapse.max_rollbacks)"
+          signals = {**probe(state.g_params, state.g_batch_stats), "nonfinite": float(nonfinite)}
+          judgement = collapse.judge(signals, config.collapse, streak, step)
+          streak = judgement.streak
+          verdict = collapse.VERDICTS.index(judgement.verdict)
+          health = {f"health/{k}": v for k, v in signals.items()}
+          health.update({checkpointing.VERDICT: verdict, "health/streak": streak})
+          writer.write_scalars(step, health)
+          if judgement.verdict != collapse.HEALTHY:
+            logging.warning(
+              "Step %d: %s: %s", step, judgement.verdict, "; ".join(judgement.reasons)
             )
-            raise collapse.CollapseError(
-              f"training collapsed at step {step} ({'; '.join(judgement.reasons)}) {why}; "
-              f"the last healthy checkpoint is step {ckpt.last_healthy_step(before=step)}",
-              step=step,
-              signals=signals,
+
+          if judgement.verdict == collapse.COLLAPSED:
+            if not config.collapse.rollback or rollbacks >= config.collapse.max_rollbacks:
+              why = (
+                "rollback is off (collapse.rollback)"
+                if not config.collapse.rollback
+                else f"after {rollbacks} rollbacks (collapse.max_rollbacks)"
+              )
+              raise collapse.CollapseError(
+                f"training collapsed at step {step} ({'; '.join(judgement.reasons)}) {why}; "
+                f"the last healthy checkpoint is step {ckpt.last_healthy_step(before=step)}",
+                step=step,
+                signals=signals,
+              )
+            ckpt.wait()
+            state, event = _roll_back(ckpt, abstract, step, rollbacks, config, judgement.reasons)
+            rollbacks += 1
+            collapse.record_rollback(workdir, event)
+            writer.write_texts(step, {"collapse/rollback": json.dumps(event)})
+            writer.write_scalars(step, {"collapse/rollbacks": rollbacks})
+            logging.warning(
+              "Rolled back from step %d to step %d (rollback %d of at most %d): %s",
+              event["from_step"],
+              event["to_step"],
+              rollbacks,
+              config.collapse.max_rollbacks,
+              event["reason"],
             )
-          ckpt.wait()
-          state, event = _roll_back(ckpt, abstract, step, rollbacks, config, judgement.reasons)
-          rollbacks += 1
-          collapse.record_rollback(workdir, event)
-          writer.write_texts(step, {"collapse/rollback": json.dumps(event)})
-          writer.write_scalars(step, {"collapse/rollbacks": rollbacks})
-          logging.warning(
-            "Rolled back from step %d to step %d (rollback %d of at most %d): %s",
-            event["from_step"],
-            event["to_step"],
-            rollbacks,
-            config.collapse.max_rollbacks,
-            event["reason"],
-          )
-          step, streak, pending = event["to_step"], 0, []
-          batches = _batches(config, step)
-          continue
+            step, streak, pending = event["to_step"], 0, []
+            batches = _batches(config, step)
+            continue
 
-      if step % config.checkpoint.every == 0 or last:
-        ckpt.save(step, state, {**scalars, **health})
-
+        if step % config.checkpoint.every == 0 or last or stop.requested:
+          ckpt.save(step, state, {**scalars, **health})
+      if stop.requested:
+        logging.warning("Stopped by %s after step %d, saved; run again to resume", stop.name, step)
+        break
+  finally:
+    stop.restore()
   writer.flush()
   ckpt.wait()
   ckpt.close()
   writer.close()
-  logging.info("Done: %d steps; checkpoints in %s", num_steps, ckpt.directory)
+  logging.info("Done: step %d of %d; checkpoints in %s", step, num_steps, ckpt.directory)
   return state

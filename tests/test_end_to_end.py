@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -116,3 +117,30 @@ def test_user_mistakes_are_one_line_without_a_traceback(flag, message, workdir):
   assert result.returncode != 0
   assert message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_termination_signal_saves_after_the_current_step_and_exits_cleanly(sig, workdir):
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(ROOT, "scripts", "train.py"),
+      "--config=configs/dense.py:smoke",
+      f"--workdir={workdir}",
+      "--config.train.num_steps=100000",
+      "--config.checkpoint.every=1000",
+      "--config.eval.every=1000",
+    ],
+    cwd=ROOT,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  for line in process.stderr:  # training has started once a progress line appears
+    if "img/s" in line:
+      break
+  process.send_signal(sig)
+  rest = process.stderr.read()
+  assert process.wait(timeout=120) == 0, rest[-2000:]
+  assert f"Stopped by {sig.name}" in rest
+  (step,) = _saved_steps(workdir)
+  assert 0 < step < 100000
