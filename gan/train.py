@@ -282,6 +282,35 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     f.write("\n")
 
 
+def load_run(workdir: str, step: int | None = None):
+  """The config, networks and state of a saved run, for sampling and evaluation.
+
+  Args:
+    workdir: a training run's workdir (config.json and checkpoints/).
+    step: the checkpoint to load; None for the latest.
+
+  Returns:
+    (config, nets, state).
+
+  Raises:
+    UserError: when the workdir holds no run or no checkpoint at `step`.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"no training run in {workdir}: {path} does not exist")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  nets, state = create_train_state(config)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"{workdir} holds no checkpoints yet")
+    return config, nets, ckpt.restore(step, state)
+  finally:
+    ckpt.close()
+
+
 def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, restore_step: int | None):
   """Returns the state to start from: a chosen step, else the latest checkpoint, else `state`."""
   if restore_step is not None:

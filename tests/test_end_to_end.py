@@ -144,3 +144,14 @@ def test_a_termination_signal_saves_after_the_current_step_and_exits_cleanly(sig
   assert f"Stopped by {sig.name}" in rest
   (step,) = _saved_steps(workdir)
   assert 0 < step < 100000
+
+
+def test_load_run_gives_back_the_config_and_the_saved_state(workdir):
+  final = train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  config, nets, state = train.load_run(workdir)
+  assert config.model.name == "dense" and nets.latent_dim == config.model.latent_dim
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(final), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(train.load_run(workdir, step=2)[2].step) == 2
+  with pytest.raises(UserError, match="no training run"):
+    train.load_run(os.path.join(workdir, "missing"))
