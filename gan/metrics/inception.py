@@ -1,0 +1,363 @@
+"""The Inception-v3 network of FID, a JAX port of pytorch-fid's `FIDInceptionV3`.
+
+pytorch-fid ports the TensorFlow graph of 2015-12-05 that the original FID code used; its blocks
+differ from torchvision's Inception3 in the pooling of Mixed_5b-5d, 6b-6e and 7b (average pools
+that do not count padding) and of Mixed_7c (a max pool instead of an average pool). Features are
+the 2048-d pool3 activations of images resized bilinearly to 299x299, so FID and KID computed
+here agree with pytorch-fid's.
+
+The weights are pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, converted once to an .npz
+whose keys are its state-dict keys and whose arrays keep PyTorch's layout (OIHW kernels):
+
+    features = load_inception()(images)  # [N, H, W, 3] in [-1, 1] -> float32 [N, 2048]
+"""
+
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax import lax
+
+from gan.errors import UserError
+
+FID_WEIGHTS_ENV = "GAN_INCEPTION_WEIGHTS"
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d"
+WEIGHTS_URL = (
+  f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}.pth"
+)
+INPUT_SIZE = 299
+FEATURES = 2048
+
+# State-dict entries the feature extractor does not use: the 1008-way classifier and the
+# BatchNorm step counters that newer PyTorch versions add.
+_UNUSED_SUFFIXES = ("num_batches_tracked",)
+_UNUSED_PREFIXES = ("fc.",)
+# NNX variable name -> PyTorch parameter name.
+_TORCH_NAMES = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
+
+
+def default_weights_path() -> str:
+  """$GAN_INCEPTION_WEIGHTS if set, else the converted file in ~/.cache/gan."""
+  return os.environ.get(FID_WEIGHTS_ENV) or os.path.join(
+    os.path.expanduser("~"), ".cache", "gan", f"{WEIGHTS_FILE}.npz"
+  )
+
+
+def _pair(value) -> tuple[int, int]:
+  return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class BasicConv2d(nnx.Module):
+  """Convolution without bias, BatchNorm (eps 0.001, running statistics), ReLU."""
+
+  def __init__(self, in_features, out_features, kernel, *, stride=1, padding=0, rngs):
+    self.conv = nnx.Conv(
+      in_features,
+      out_features,
+      _pair(kernel),
+      strides=stride,
+      padding=tuple((p, p) for p in _pair(padding)),
+      use_bias=False,
+      precision=lax.Precision.HIGHEST,  # no TF32: features should not depend on the GPU
+      rngs=rngs,
+    )
+    self.bn = nnx.BatchNorm(out_features, epsilon=1e-3, use_running_average=True, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jax.nn.relu(self.bn(self.conv(x)))
+
+
+def max_pool(x: jax.Array, stride: int, padding: int = 0) -> jax.Array:
+  """3x3 max pool, NHWC; padding never wins (PyTorch pads max pools with -inf)."""
+  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pad)
+
+
+def avg_pool_exclude_pad(x: jax.Array) -> jax.Array:
+  """3x3 average pool, stride 1, padding 1, NHWC, with PyTorch's `count_include_pad=False`."""
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
+  sums = lax.reduce_window(x, 0.0, lax.add, window, strides, pad)
+  counts = lax.reduce_window(
+    jnp.ones((1, *x.shape[1:3], 1), x.dtype), 0.0, lax.add, window, strides, pad
+  )
+  return sums / counts
+
+
+class FIDInceptionA(nnx.Module):
+  """Mixed_5b/5c/5d: 1x1, 5x5, double 3x3 and pooled branches; 35x35."""
+
+  def __init__(self, in_features, pool_features, *, rngs):
+    self.branch1x1 = BasicConv2d(in_features, 64, 1, rngs=rngs)
+    self.branch5x5_1 = BasicConv2d(in_features, 48, 1, rngs=rngs)
+    self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2, rngs=rngs)
+    self.branch3x3dbl_1 = BasicConv2d(in_features, 64, 1, rngs=rngs)
+    self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1, rngs=rngs)
+    self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1, rngs=rngs)
+    self.branch_pool = BasicConv2d(in_features, pool_features, 1, rngs=rngs)
+
+  def __call__(self, x):
+    branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+    branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+    branch_pool = self.branch_pool(avg_pool_exclude_pad(x))
+    return jnp.concatenate([self.branch1x1(x), branch5x5, branch3x3dbl, branch_pool], axis=-1)
+
+
+class InceptionB(nnx.Module):
+  """Mixed_6a: 35x35 -> 17x17."""
+
+  def __init__(self, in_features, *, rngs):
+    self.branch3x3 = BasicConv2d(in_features, 384, 3, stride=2, rngs=rngs)
+    self.branch3x3dbl_1 = BasicConv2d(in_features, 64, 1, rngs=rngs)
+    self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1, rngs=rngs)
+    self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2, rngs=rngs)
+
+  def __call__(self, x):
+    branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+    return jnp.concatenate([self.branch3x3(x), branch3x3dbl, max_pool(x, 2)], axis=-1)
+
+
+class FIDInceptionC(nnx.Module):
+  """Mixed_6b-6e: factorised 7x7 branches; 17x17."""
+
+  def __init__(self, in_features, channels_7x7, *, rngs):
+    c7 = channels_7x7
+    row, col = dict(padding=(0, 3)), dict(padding=(3, 0))
+    self.branch1x1 = BasicConv2d(in_features, 192, 1, rngs=rngs)
+    self.branch7x7_1 = BasicConv2d(in_features, c7, 1, rngs=rngs)
+    self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), **row, rngs=rngs)
+    self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), **col, rngs=rngs)
+    self.branch7x7dbl_1 = BasicConv2d(in_features, c7, 1, rngs=rngs)
+    self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), **col, rngs=rngs)
+    self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), **row, rngs=rngs)
+    self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), **col, rngs=rngs)
+    self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), **row, rngs=rngs)
+    self.branch_pool = BasicConv2d(in_features, 192, 1, rngs=rngs)
+
+  def __call__(self, x):
+    branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+    branch7x7dbl = x
+    for conv in (
+      self.branch7x7dbl_1,
+      self.branch7x7dbl_2,
+      self.branch7x7dbl_3,
+      self.branch7x7dbl_4,
+      self.branch7x7dbl_5,
+    ):
+      branch7x7dbl = conv(branch7x7dbl)
+    branch_pool = self.branch_pool(avg_pool_exclude_pad(x))
+    return jnp.concatenate([self.branch1x1(x), branch7x7, branch7x7dbl, branch_pool], axis=-1)
+
+
+class InceptionD(nnx.Module):
+  """Mixed_7a: 17x17 -> 8x8."""
+
+  def __init__(self, in_features, *, rngs):
+    self.branch3x3_1 = BasicConv2d(in_features, 192, 1, rngs=rngs)
+    self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2, rngs=rngs)
+    self.branch7x7x3_1 = BasicConv2d(in_features, 192, 1, rngs=rngs)
+    self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3), rngs=rngs)
+    self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0), rngs=rngs)
+    self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2, rngs=rngs)
+
+  def __call__(self, x):
+    branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
+    branch7x7x3 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+    return jnp.concatenate([branch3x3, branch7x7x3, max_pool(x, 2)], axis=-1)
+
+
+class FIDInceptionE(nnx.Module):
+  """Mixed_7b (`max_pool=False`, pytorch-fid's E_1) and Mixed_7c (`max_pool=True`, E_2); 8x8.
+
+  The TF graph pools Mixed_7c's last branch with a max pool, unlike every other Inception; FID
+  values depend on reproducing that.
+  """
+
+  def __init__(self, in_features, *, max_pool: bool, rngs):
+    self.max_pool = max_pool
+    self.branch1x1 = BasicConv2d(in_features, 320, 1, rngs=rngs)
+    self.branch3x3_1 = BasicConv2d(in_features, 384, 1, rngs=rngs)
+    self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1), rngs=rngs)
+    self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
+    self.branch3x3dbl_1 = BasicConv2d(in_features, 448, 1, rngs=rngs)
+    self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1, rngs=rngs)
+    self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1), rngs=rngs)
+    self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
+    self.branch_pool = BasicConv2d(in_features, 192, 1, rngs=rngs)
+
+  def __call__(self, x):
+    branch3x3 = self.branch3x3_1(x)
+    branch3x3 = jnp.concatenate([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], -1)
+    dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+    dbl = jnp.concatenate([self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl)], -1)
+    pooled = max_pool(x, 1, padding=1) if self.max_pool else avg_pool_exclude_pad(x)
+    return jnp.concatenate([self.branch1x1(x), branch3x3, dbl, self.branch_pool(pooled)], -1)
+
+
+class FIDInceptionV3(nnx.Module):
+  """Images [N, 299, 299, 3] in [-1, 1] -> pool3 features [N, 2048].
+
+  Attribute names follow pytorch-fid's (torchvision's) modules, so every parameter path maps to
+  one state-dict key: ('Mixed_5b', 'branch1x1', 'conv', 'kernel') <-> Mixed_5b.branch1x1.conv.weight.
+  """
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2, rngs=rngs)
+    self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3, rngs=rngs)
+    self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1, rngs=rngs)
+    self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1, rngs=rngs)
+    self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3, rngs=rngs)
+    self.Mixed_5b = FIDInceptionA(192, 32, rngs=rngs)
+    self.Mixed_5c = FIDInceptionA(256, 64, rngs=rngs)
+    self.Mixed_5d = FIDInceptionA(288, 64, rngs=rngs)
+    self.Mixed_6a = InceptionB(288, rngs=rngs)
+    self.Mixed_6b = FIDInceptionC(768, 128, rngs=rngs)
+    self.Mixed_6c = FIDInceptionC(768, 160, rngs=rngs)
+    self.Mixed_6d = FIDInceptionC(768, 160, rngs=rngs)
+    self.Mixed_6e = FIDInceptionC(768, 192, rngs=rngs)
+    self.Mixed_7a = InceptionD(768, rngs=rngs)
+    self.Mixed_7b = FIDInceptionE(1280, max_pool=False, rngs=rngs)
+    self.Mixed_7c = FIDInceptionE(2048, max_pool=True, rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(images)))
+    x = max_pool(x, 2)
+    x = max_pool(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 2)
+    for block in (
+      self.Mixed_5b,
+      self.Mixed_5c,
+      self.Mixed_5d,
+      self.Mixed_6a,
+      self.Mixed_6b,
+      self.Mixed_6c,
+      self.Mixed_6d,
+      self.Mixed_6e,
+      self.Mixed_7a,
+      self.Mixed_7b,
+      self.Mixed_7c,
+    ):
+      x = block(x)
+    return jnp.mean(x, axis=(1, 2))
+
+
+def resize_to_input(images: jax.Array) -> jax.Array:
+  """float32 [N, 299, 299, 3]: bilinear like PyTorch's `interpolate(align_corners=False)`.
+
+  No antialiasing, as pytorch-fid; pixel values stay as given ([-1, 1] is what the network wants,
+  pytorch-fid's `normalize_input` maps its [0, 1] inputs there).
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if images.shape[1:3] == (INPUT_SIZE, INPUT_SIZE):
+    return images
+  shape = (images.shape[0], INPUT_SIZE, INPUT_SIZE, images.shape[3])
+  return jax.image.resize(images, shape, "linear", antialias=False)
+
+
+def _torch_key(path: tuple) -> str:
+  *modules, name = path
+  return ".".join([*map(str, modules), _TORCH_NAMES[name]])
+
+
+def _missing_weights_message(path: str) -> str:
+  return (
+    f"no FID Inception weights at {path}. Download pytorch-fid's {WEIGHTS_URL}, convert them "
+    f"with `pip install torch==2.13.0` (CPU is enough) and `python "
+    f"scripts/convert_inception_weights.py --pth={WEIGHTS_FILE}.pth --out={path}`; the "
+    f"loader reads ${FID_WEIGHTS_ENV} if set, else {os.path.join('~', '.cache', 'gan', WEIGHTS_FILE)}.npz"
+  )
+
+
+def write_weights(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes a pytorch-fid state dict (name -> numpy array, PyTorch layout) as a flat .npz.
+
+  The file appears whole or not at all (written aside, then renamed).
+  """
+  arrays = {name: np.asarray(value) for name, value in state_dict.items()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  partial = f"{path}.partial"
+  with open(partial, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(partial, path)
+
+
+def load_inception_model(path: str | None = None) -> FIDInceptionV3:
+  """The network with the converted pytorch-fid weights at `path` (default: `default_weights_path`).
+
+  Raises:
+    UserError: if the file is missing, or a parameter is missing or has the wrong shape.
+  """
+  path = path or default_weights_path()
+  if not os.path.exists(path):
+    raise UserError(_missing_weights_message(path))
+  # Shapes only: the real values come from the file, so nothing is initialised twice.
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: FIDInceptionV3(rngs=nnx.Rngs(0))))
+  loaded, used = [], set()
+  with np.load(path, allow_pickle=False) as saved:
+    for key, variable in nnx.to_flat_state(abstract):
+      name = _torch_key(key)
+      shape = variable.get_value().shape
+      if name not in saved.files:
+        raise UserError(f"the Inception weights at {path} lack {name}; convert them again")
+      value = saved[name]
+      if key[-1] == "kernel" and value.ndim == 4:
+        value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+      if value.shape != shape:
+        raise UserError(
+          f"the Inception weights at {path} hold {name} with shape {saved[name].shape}; "
+          f"pytorch-fid's network needs {shape} (after OIHW -> HWIO); convert them again"
+        )
+      loaded.append((key, jnp.asarray(value, jnp.float32)))
+      used.add(name)
+    unknown = [
+      name
+      for name in saved.files
+      if name not in used
+      and not name.endswith(_UNUSED_SUFFIXES)
+      and not name.startswith(_UNUSED_PREFIXES)
+    ]
+  if unknown:
+    logging.warning("ignoring %d unknown arrays in %s, e.g. %s", len(unknown), path, unknown[0])
+  return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def load_inception(path: str | None = None, batch_size: int = 50):
+  """A function mapping images [N, H, W, 3] in [-1, 1] to float32 numpy features [N, 2048].
+
+  Images go through the network `batch_size` at a time; a short last batch is padded, so each
+  run compiles the network once.
+
+  Raises:
+    UserError: as `load_inception_model`.
+  """
+  graphdef, state = nnx.split(load_inception_model(path))
+  resize = jax.jit(resize_to_input)
+
+  @jax.jit
+  def forward(state, images):
+    return nnx.merge(graphdef, state)(images)
+
+  def features(images) -> np.ndarray:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
+    num = images.shape[0]
+    chunk = max(1, min(batch_size, num))
+    out = [np.zeros((0, FEATURES), np.float32)]
+    for start in range(0, num, chunk):
+      batch = np.asarray(images[start : start + chunk], np.float32)
+      real = batch.shape[0]
+      if real < chunk:
+        batch = np.concatenate([batch, np.zeros((chunk - real, *batch.shape[1:]), np.float32)])
+      out.append(np.asarray(forward(state, resize(batch)))[:real])
+    return np.concatenate(out)
+
+  return features
