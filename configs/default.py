@@ -43,10 +43,17 @@ def get_config(arg=None):
   checkpoint.keep_latest = 3  # the newest checkpoints kept
   checkpoint.keep_every = 5000  # also keep every checkpoint whose step is a multiple of this
   checkpoint.asynchronous = True  # save in the background while training goes on
+  checkpoint.best_metric = "swd_mean"  # also keep the checkpoint best by this eval metric; '' none
+  checkpoint.best_mode = "min"  # min | max: which end of best_metric is best
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every = 1000  # steps between sample grids (TensorBoard and samples/*.png)
   evaluation.grid_size = 64  # samples in the grid, drawn from one fixed noise batch
+  # Quality metrics every eval.every steps: swd, precision_recall (no weights needed) and fid,
+  # kid (need the Inception weights file; see README). '' or () turns them off.
+  evaluation.metrics = ("swd", "precision_recall")
+  evaluation.num_samples = 1000  # generated (and real) images the quality metrics compare
+  evaluation.inception_weights = ""  # the Inception .npz; '' is $GAN_INCEPTION_WEIGHTS or ~/.cache
 
   config.collapse = collapse = ml_collections.ConfigDict()
   collapse.rollback = True  # on a collapsed verdict, go back to the last healthy checkpoint
@@ -79,6 +86,7 @@ def get_config(arg=None):
     checkpoint.keep_every = 0
     evaluation.every = 20
     evaluation.grid_size = 16
+    evaluation.num_samples = 64
     collapse.num_samples = 64
     collapse.warmup_steps = 1000  # past the end: a smoke run is too short to judge diversity
     collapse.num_pairs = 128

@@ -38,6 +38,16 @@ class LastHealthy(policies.PreservationPolicy):
     return [bool(healthy) and i == healthy[-1] for i in range(len(checkpoints))]
 
 
+def _best(metric: str, mode: str) -> policies.PreservationPolicy:
+  """Keeps the checkpoint with the best value of `metric` ('min' or 'max' is best)."""
+  worst = float("inf") if mode == "min" else -float("inf")
+  return policies.BestN(
+    get_metric_fn=lambda metrics: metrics.get(metric, worst),
+    reverse=mode == "min",  # BestN keeps the last of the sorted list
+    n=1,
+  )
+
+
 class Checkpointer:
   """Saves and restores TrainState pytrees under one directory with a preservation policy."""
 
@@ -51,6 +61,8 @@ class Checkpointer:
       keep = [policies.LatestN(n=config.keep_latest), LastHealthy()]
       if config.keep_every:
         keep.append(policies.EveryNSteps(interval_steps=config.keep_every))
+      if config.best_metric:
+        keep.append(_best(f"eval/{config.best_metric}", config.best_mode))
     options = ocp.CheckpointManagerOptions(
       preservation_policy=policies.AnyPreservationPolicy(keep),
       # Orbax stores a checkpoint's metrics only when it ranks checkpoints; the preservation

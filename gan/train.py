@@ -25,12 +25,14 @@ from flax import nnx
 
 from gan import checkpointing, collapse, input_pipeline, losses, models, monitoring, sampling
 from gan.errors import UserError
+from gan.metrics import fid, quality
 
 # Keys folded into the root key for purposes other than a train step (steps use their number).
 _INIT_KEY = 2**32 - 1
 _FIXED_NOISE_KEY = 2**32 - 2
 _HEALTH_KEY = 2**32 - 3
-_ROLLBACK_KEY = 2**32 - 4  # minus the number of earlier rollbacks
+_EVAL_KEY = 2**32 - 4
+_ROLLBACK_KEY = 2**32 - 5  # minus the number of earlier rollbacks
 
 
 @flax.struct.dataclass
@@ -88,6 +90,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"checkpoint.every ({config.checkpoint.every}) must be a multiple of eval.every "
       f"({config.eval.every}), so that every checkpoint carries a fresh health verdict"
     )
+  quality.check_names(config.eval.metrics)
+  if config.eval.metrics and config.eval.num_samples < 2:
+    raise UserError(f"eval.num_samples must be >= 2, got {config.eval.num_samples}")
+  if config.checkpoint.best_mode not in ("min", "max"):
+    raise UserError(f"checkpoint.best_mode must be min or max, got {config.checkpoint.best_mode!r}")
   if config.collapse.num_samples < 2 or config.collapse.patience < 1:
     raise UserError("collapse.num_samples must be >= 2 and collapse.patience >= 1")
   if config.restore_step is not None and config.restore_step < 0:
@@ -349,6 +356,42 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def _noise(key: jax.Array, num: int, latent_dim: int) -> np.ndarray:
+  return np.asarray(jax.random.normal(key, (num, latent_dim)))
+
+
+def generate_many(sample_fn, params, batch_stats, noise: np.ndarray, chunk: int = 250):
+  """Samples for a long noise batch, `chunk` at a time to bound memory.
+
+  Args:
+    sample_fn: jit(partial(generate, nets)).
+    params, batch_stats: the generator's (usually state.ema_params, state.g_batch_stats).
+    noise: [N, latent_dim].
+    chunk: images per call.
+  """
+  return np.concatenate(
+    [
+      np.asarray(sample_fn(params, batch_stats, noise[i : i + chunk]))
+      for i in range(0, len(noise), chunk)
+    ]
+  )
+
+
+def _evaluator(config, real_images: np.ndarray, key: jax.Array) -> quality.Evaluator | None:
+  if not config.eval.metrics:
+    return None
+  reference = fid.reference_key(
+    config.data.source, config.data.resolution, len(real_images), extra=f"seed{config.train.seed}"
+  )
+  return quality.Evaluator(
+    config.eval.metrics,
+    real_images,
+    key=key,
+    reference=reference,
+    inception_weights=config.eval.inception_weights,
+  )
+
+
 def _batches(config: ml_collections.ConfigDict, start_step: int):
   return input_pipeline.create_dataset(
     config.data, batch_size=config.train.batch_size, seed=config.train.seed, start_step=start_step
@@ -436,19 +479,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step_fn = jax.jit(functools.partial(train_step, nets, config.train), donate_argnums=0)
   sample_fn = jax.jit(functools.partial(generate, nets))
 
-  real_images, batches = _peek_images(_batches(config, step), config.collapse.num_samples)
+  num_real = max(config.collapse.num_samples, config.eval.num_samples)
+  real_images, batches = _peek_images(_batches(config, step), num_real)
   health_key = jax.random.fold_in(initial.rng, _HEALTH_KEY)
   probe = collapse.HealthProbe(
     config,
-    real_images,
-    np.asarray(jax.random.normal(health_key, (config.collapse.num_samples, nets.latent_dim))),
+    real_images[: config.collapse.num_samples],
+    _noise(health_key, config.collapse.num_samples, nets.latent_dim),
     functools.partial(generate, nets),
     health_key,
   )
+  eval_key = jax.random.fold_in(initial.rng, _EVAL_KEY)
+  eval_noise = _noise(eval_key, config.eval.num_samples, nets.latent_dim)
+  evaluator = _evaluator(config, real_images[: config.eval.num_samples], eval_key)
   progress = monitoring.Progress(num_steps, config.train.batch_size, step)
   logging.info("Training from step %d to %d in %s", step, num_steps, workdir)
   pending = []  # metrics of the steps since the last fetch, still on the device
-  scalars, health = {}, {}
+  scalars, health, scores = {}, {}, {}
   stop = _StopRequest()
   try:
     while step < num_steps:
@@ -474,6 +521,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           writer.write_images(step, {"samples": grid[None]})
           sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
 
+          if evaluator is not None and not nonfinite:
+            fake = generate_many(sample_fn, state.ema_params, state.g_batch_stats, eval_noise)
+            scores = {f"eval/{k}": v for k, v in evaluator(fake).items()}
+            writer.write_scalars(step, scores)
           signals = {**probe(state.g_params, state.g_batch_stats), "nonfinite": float(nonfinite)}
           judgement = collapse.judge(signals, config.collapse, streak, step)
           streak = judgement.streak
@@ -518,7 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             continue
 
         if step % config.checkpoint.every == 0 or last or stop.requested:
-          ckpt.save(step, state, {**scalars, **health})
+          ckpt.save(step, state, {**scalars, **health, **scores})
       if stop.requested:
         logging.warning("Stopped by %s after step %d, saved; run again to resume", stop.name, step)
         break

@@ -60,6 +60,11 @@ def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
     "train/d_param_norm",
     "train/g_lr",
     "train/images_per_second",
+    "eval/swd_mean",
+    "eval/precision",
+    "health/ms_ssim",
+    "health/modes_covered",
+    "health/verdict",
   ]:
     assert events[tag][-1].step == num_steps, tag
     value = float(np.asarray(tensor_util.make_ndarray(events[tag][-1].tensor_proto)))

@@ -1,0 +1,56 @@
+"""Scores a trained run's samples against real images and prints the metrics as JSON.
+
+    python scripts/evaluate.py --workdir=runs/dcgan [--step=N] [--metrics=swd,precision_recall,fid,kid]
+
+Generates --num_samples images from the EMA generator of the chosen checkpoint (the latest by
+default) and compares them with as many training images. FID and KID need the Inception weights
+(see README); without them the weight-free metrics still run and a warning says what is missing,
+unless FID or KID were asked for by name, which makes their absence an error.
+"""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+from absl import flags, logging
+
+from gan import cli, input_pipeline, train
+from gan.metrics import fid, quality
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "The checkpoint to evaluate; the latest by default.")
+_METRICS = flags.DEFINE_list(
+  "metrics", None, "Metrics to compute; the run's eval.metrics by default."
+)
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Images per set; the run's by default.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the generator noise and the metrics' randomness.")
+
+
+def main(argv):
+  del argv
+  config, nets, state = train.load_run(_WORKDIR.value, _STEP.value)
+  metrics = _METRICS.value or list(config.eval.metrics) or ["swd", "precision_recall"]
+  num = _NUM_SAMPLES.value or config.eval.num_samples
+  batches = input_pipeline.create_dataset(config.data, batch_size=num, seed=config.train.seed)
+  real = next(batches)["image"]
+  key = jax.random.PRNGKey(_SEED.value)
+  evaluator = quality.Evaluator(
+    metrics,
+    real,
+    key=key,
+    reference=fid.reference_key(config.data.source, config.data.resolution, num, extra="eval"),
+    inception_weights=config.eval.inception_weights,
+    require_inception=_METRICS.value is not None,
+  )
+  noise = np.asarray(jax.random.normal(key, (num, nets.latent_dim)))
+  sample_fn = jax.jit(functools.partial(train.generate, nets))
+  fake = train.generate_many(sample_fn, state.ema_params, state.g_batch_stats, noise)
+  results = {"step": int(state.step), "num_samples": num, **evaluator(fake)}
+  logging.info("Evaluated %s: %s", os.path.abspath(_WORKDIR.value), results)
+  print(json.dumps(results, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+  cli.run(main)
