@@ -1,4 +1,4 @@
-"""Improved precision and recall of a generator (Kynkäänniemi et al. 2019), without downloaded weights.
+"""Improved precision and recall (Kynkäänniemi et al. 2019) of a generator, with no weights.
 
 Each feature set defines a manifold: the union of balls around its points, each ball reaching to
 the point's k-th nearest neighbour in the same set. Precision is the fraction of generated

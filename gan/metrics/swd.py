@@ -125,8 +125,9 @@ def sliced_wasserstein(
     min_resolution: the coarsest level's side.
 
   Returns:
-    {"swd_<res>px": value for each level, finest first, ..., "swd_mean": their mean}. Two samples
-    of one distribution give a few units; unrelated sets give tens to hundreds.
+    {"swd_<res>px": value for each level, finest first, ..., "swd_mean": their mean}. Even two
+    samples of one distribution differ by sampling noise that shrinks as N grows, so compare
+    values only at equal N.
   """
   if real.shape[1:] != fake.shape[1:]:
     raise ValueError(f"real and fake images differ in shape: {real.shape} vs {fake.shape}")

@@ -1,0 +1,166 @@
+"""scripts/sample.py on a tiny trained run, and the pure sampling helpers behind it."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from PIL import Image
+
+from gan import sampling, train
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "sample.py")
+RESOLUTION = 32  # the smoke configs' image size
+PADDING = 2  # make_grid's default
+
+
+# Each script run: its flags beside --workdir and --out (a path under the run's tmp folder).
+_RUNS = {
+  "grid": ["--out=grid.png", "--num=9", "--truncation=1.5"],
+  "single": ["--out=samples", "--num=5", "--single"],
+  "interpolate": ["--out=walk.png", "--num=16", "--interpolate"],
+  "nearest": ["--out=nearest.png", "--num=4", "--nearest", "--k=2"],
+  "no_workdir": ["--out=x.png", "--workdir=/nonexistent/run"],
+  "unknown_step": ["--out=x.png", "--step=999"],
+  "bad_num": ["--out=x.png", "--num=0"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Trains a two-step dense run once, then runs every case of the script on it side by side.
+
+  Each run spends most of its seconds importing TensorFlow and JAX; in parallel the module stays
+  well under a minute.
+  """
+  folder = tmp_path_factory.mktemp("sample")
+  workdir = str(folder / "run")
+  train.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
+  processes = {}
+  for name, args in _RUNS.items():
+    args = [a.replace("--out=", f"--out={folder}/") for a in args]
+    if not any(a.startswith("--workdir=") for a in args):
+      args.append(f"--workdir={workdir}")
+    processes[name] = subprocess.Popen(
+      [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+  results = {}
+  for name, process in processes.items():
+    stdout, stderr = process.communicate(timeout=300)
+    results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+  return folder, results
+
+
+def _grid_side(count: int) -> int:
+  return count * (RESOLUTION + PADDING) + PADDING
+
+
+def _ok(runs, name: str):
+  folder, results = runs
+  assert results[name].returncode == 0, results[name].stderr
+  return folder
+
+
+def test_writes_a_grid_of_num_samples(runs):
+  folder = _ok(runs, "grid")
+  assert Image.open(folder / "grid.png").size == (_grid_side(3), _grid_side(3))
+
+
+def test_single_writes_one_png_per_sample(runs):
+  out = _ok(runs, "single") / "samples"
+  files = sorted(os.listdir(out))
+  assert len(files) == 5
+  assert Image.open(out / files[0]).size == (RESOLUTION, RESOLUTION)
+
+
+def test_interpolate_writes_a_strip_and_an_animated_gif(runs):
+  folder = _ok(runs, "interpolate")
+  assert Image.open(folder / "walk.png").size == (_grid_side(8), _grid_side(2))
+  gif = Image.open(folder / "walk.gif")
+  assert gif.n_frames > 4
+  assert gif.size == (_grid_side(1), _grid_side(2))
+
+
+def test_nearest_writes_samples_beside_training_images(runs):
+  folder = _ok(runs, "nearest")
+  assert Image.open(folder / "nearest.png").size == (_grid_side(3), _grid_side(4))
+
+
+@pytest.mark.parametrize("name", ["no_workdir", "unknown_step", "bad_num"])
+def test_user_mistakes_are_one_line(runs, name):
+  result = runs[1][name]
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+@pytest.mark.parametrize("truncation", [0.5, 1.0, 2.0])
+def test_truncated_noise_stays_within_the_bound(truncation):
+  z = sampling.truncated_noise(jax.random.key(0), 256, 32, truncation)
+  assert z.shape == (256, 32)
+  assert float(jnp.max(jnp.abs(z))) <= truncation
+  # Resampled, not clipped: no pile-up at the bound.
+  assert float(jnp.mean(jnp.abs(z) > 0.999 * truncation)) < 0.01
+
+
+def test_no_truncation_is_plain_normal():
+  key = jax.random.key(0)
+  for none in (None, 0):
+    z = sampling.truncated_noise(key, 8, 4, none)
+    np.testing.assert_array_equal(z, jax.random.normal(key, (8, 4)))
+
+
+def test_interpolate_hits_both_endpoints_and_keeps_norms():
+  z0, z1 = jax.random.normal(jax.random.key(1), (2, 3, 128))
+  path = sampling.interpolate(z0, z1, 8)
+  assert path.shape == (3, 8, 128)
+  np.testing.assert_array_equal(path[:, 0], z0)
+  np.testing.assert_array_equal(path[:, -1], z1)
+  norms = jnp.linalg.norm(path, axis=-1)
+  ends = jnp.stack([norms[:, 0], norms[:, -1]])
+  # Near-orthogonal vectors of similar norm: slerp stays on (about) their sphere, where a
+  # straight line's midpoint would shrink by about 1/sqrt(2).
+  assert float(jnp.min(norms)) > 0.95 * float(jnp.min(ends))
+  assert float(jnp.max(norms)) < 1.05 * float(jnp.max(ends))
+
+
+def test_interpolate_between_parallel_vectors_is_finite():
+  z = jnp.ones((4,))
+  path = sampling.interpolate(z, 2 * z, 5)
+  assert bool(jnp.all(jnp.isfinite(path)))
+  np.testing.assert_allclose(path[:, 0], np.linspace(1, 2, 5), rtol=1e-6)
+
+
+def test_nearest_neighbours_match_brute_force():
+  rng = np.random.default_rng(0)
+  samples = rng.uniform(-1, 1, (6, 4, 4, 3)).astype(np.float32)
+  candidates = rng.uniform(-1, 1, (40, 4, 4, 3)).astype(np.float32)
+  found = sampling.nearest_neighbours(samples, candidates, 3)
+  dists = ((samples[:, None] - candidates[None]) ** 2).sum(axis=(2, 3, 4))
+  np.testing.assert_array_equal(found, np.argsort(dists, axis=1)[:, :3])
+
+
+def test_nearest_neighbour_of_a_candidate_is_itself():
+  candidates = np.random.default_rng(1).uniform(-1, 1, (10, 8, 8, 3)).astype(np.float32)
+  np.testing.assert_array_equal(
+    sampling.nearest_neighbours(candidates, candidates, 1)[:, 0], range(10)
+  )
+
+
+def test_save_gif_round_trips_frames(tmp_path):
+  frames = np.stack([np.full((6, 6, 3), 40 * i, np.uint8) for i in range(4)])
+  path = str(tmp_path / "a.gif")
+  sampling.save_gif(path, frames, duration_ms=50)
+  gif = Image.open(path)
+  assert gif.n_frames == 4
+  gif.seek(2)
+  assert np.asarray(gif.convert("RGB"))[0, 0, 0] == pytest.approx(80, abs=2)
+
+
+def test_make_grid_with_fixed_columns():
+  grid = sampling.make_grid(np.zeros((6, 4, 4, 3)), cols=3)
+  assert grid.shape == (2 * 6 + 2, 3 * 6 + 2, 3)
