@@ -118,6 +118,13 @@ def create_train_state(config: ml_collections.ConfigDict) -> tuple[Networks, Tra
   # The graphs come from shapes alone; the values are made under jit, which is several times
   # faster on CPU than running each initialiser eagerly.
   abstract_g, abstract_d = nnx.eval_shape(lambda: build(jax.random.PRNGKey(0)))
+  logging.info(
+    "Model %s at %d px: generator %s parameters, discriminator %s parameters",
+    config.model.name,
+    config.data.resolution,
+    f"{models.count_params(abstract_g):,}",
+    f"{models.count_params(abstract_d):,}",
+  )
   nets = Networks(
     generator=nnx.graphdef(abstract_g),
     discriminator=nnx.graphdef(abstract_d),

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 from flax import nnx
 
 from gan.errors import UserError
@@ -115,13 +114,6 @@ def create_models(
       dtype=dtype,
       rngs=rngs,
     )
-  logging.info(
-    "Model %s at %d px: generator %s parameters, discriminator %s parameters.",
-    name,
-    resolution,
-    f"{count_params(generator):,}",
-    f"{count_params(discriminator):,}",
-  )
   return generator, discriminator
 
 
