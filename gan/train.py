@@ -414,21 +414,34 @@ def _peek_images(batches, count: int):
   return images, itertools.chain(head, batches)
 
 
-def _scale_learning_rates(state: TrainState, factor: float) -> TrainState:
-  def scale(opt_state):
-    rate = opt_state.hyperparams["learning_rate"] * factor
+def learning_rates(state: TrainState) -> tuple[jax.Array, jax.Array]:
+  """G's and D's learning rates, which live in the optimiser states."""
+  return (
+    state.g_opt_state.hyperparams["learning_rate"],
+    state.d_opt_state.hyperparams["learning_rate"],
+  )
+
+
+def with_learning_rates(state: TrainState, g_lr, d_lr) -> TrainState:
+  def set_rate(opt_state, rate):
+    rate = jnp.asarray(rate, opt_state.hyperparams["learning_rate"].dtype)
     return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": rate})
 
-  return state.replace(g_opt_state=scale(state.g_opt_state), d_opt_state=scale(state.d_opt_state))
+  return state.replace(
+    g_opt_state=set_rate(state.g_opt_state, g_lr), d_opt_state=set_rate(state.d_opt_state, d_lr)
+  )
 
 
-def _roll_back(ckpt, abstract_state, step: int, rollbacks: int, config, reasons):
-  """Restores the newest healthy checkpoint before `step` (or the initial state) and changes
-  what made the run fall: a new random stream, and the learning rates times collapse.lr_factor.
+def _roll_back(ckpt, abstract_state, fallen: TrainState, rollbacks: int, config, reasons):
+  """Restores the newest healthy checkpoint before the `fallen` state (or the initial state) and
+  changes what made the run fall: a new random stream, and learning rates collapse.lr_factor
+  times the lower of the restored and the fallen state's, so repeated rollbacks keep lowering
+  them even when they go back to the same checkpoint.
 
   Returns:
     The state to carry on from and the rollback's record.
   """
+  step = int(fallen.step)
   target = ckpt.last_healthy_step(before=step)
   if target is None:
     _, state = create_train_state(config)
@@ -436,14 +449,18 @@ def _roll_back(ckpt, abstract_state, step: int, rollbacks: int, config, reasons)
     state = ckpt.restore(target, abstract_state)
   ckpt.set_aside_after(target or 0)
   state = state.replace(rng=jax.random.fold_in(state.rng, _ROLLBACK_KEY - rollbacks))
-  state = _scale_learning_rates(state, config.collapse.lr_factor)
+  rates = [
+    jnp.minimum(restored, current) * config.collapse.lr_factor
+    for restored, current in zip(learning_rates(state), learning_rates(fallen), strict=True)
+  ]
+  state = with_learning_rates(state, *rates)
   event = {
     "from_step": step,
     "to_step": target or 0,
     "reason": "; ".join(reasons),
     "rollback": rollbacks + 1,
-    "g_lr": float(state.g_opt_state.hyperparams["learning_rate"]),
-    "d_lr": float(state.d_opt_state.hyperparams["learning_rate"]),
+    "g_lr": float(rates[0]),
+    "d_lr": float(rates[1]),
   }
   return state, event
 
@@ -558,7 +575,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 signals=signals,
               )
             ckpt.wait()
-            state, event = _roll_back(ckpt, abstract, step, rollbacks, config, judgement.reasons)
+            state, event = _roll_back(ckpt, abstract, state, rollbacks, config, judgement.reasons)
             rollbacks += 1
             collapse.record_rollback(workdir, event)
             writer.write_texts(step, {"collapse/rollback": json.dumps(event)})

@@ -118,10 +118,11 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
   # Poison the run: a checkpoint at step 5 whose learning rates make the next step non-finite,
   # judged suspect, as the detector would have left it.
   config = tiny_config("dense", train__num_steps=8)
+  config.collapse.lr_factor = 0.5
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   _, template = train.create_train_state(config)
   state = ckpt.restore(4, template)
-  poisoned = train._scale_learning_rates(state.replace(step=jnp.int32(5)), 1e30)
+  poisoned = train.with_learning_rates(state.replace(step=jnp.int32(5)), 1e30, 1e30)
   ckpt.save(5, poisoned, {checkpointing.VERDICT: collapse.VERDICTS.index(collapse.SUSPECT)})
   ckpt.wait()
   ckpt.close()
@@ -131,6 +132,9 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
   (event,) = _rollbacks(workdir)
   assert (event["from_step"], event["to_step"]) == (6, 4)
   assert "non-finite" in event["reason"]
+  # Half the lower of the healthy and the fallen rates, not half the poisoned one.
+  assert event["g_lr"] == pytest.approx(0.5 * config.train.g_lr)
+  assert float(train.learning_rates(final)[1]) == pytest.approx(0.5 * config.train.d_lr)
   assert int(final.step) == 8
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final.g_params))
   done = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
