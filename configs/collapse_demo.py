@@ -16,16 +16,19 @@ from configs import dcgan
 
 
 def get_config(arg=None):
-  config = dcgan.get_config("synthetic")  # DCGAN, 32 px, batch 64 on synthetic_faces
-  if arg is not None:
-    raise ValueError(f"configs/collapse_demo.py takes no argument, got {arg!r}")
-  config.train.num_steps = 2000  # long enough to collapse and, with rollback, to recover
+  if arg not in (None, "smoke"):
+    raise ValueError(f"configs/collapse_demo.py takes only the argument 'smoke', got {arg!r}")
+  # DCGAN, 32 px, batch 64 on synthetic_faces; `smoke` is the DCGAN smoke run with this optimiser.
+  config = dcgan.get_config(arg or "synthetic")
   config.train.b1 = 0.9  # Adam's default momentum, which the DCGAN paper found unstable
   config.train.g_lr = 1e-3  # 5x the DCGAN rate: G's large, momentum-driven steps chase D
   config.train.d_lr = 1e-3  # 5x too: a fast D the generator keeps fleeing to a few modes
+  config.collapse.lr_factor = 0.5  # halve both rates at each rollback: the remedy
+  if arg == "smoke":
+    return config
+  config.train.num_steps = 2000  # long enough to collapse and, with rollback, to recover
   config.eval.every = 100  # judge health often, so a collapse is caught within minutes
   config.checkpoint.every = 100  # a checkpoint per evaluation: rollback loses little
   config.checkpoint.keep_latest = 5  # enough history to hold a healthy step before a collapse
   config.collapse.warmup_steps = 300  # past the all-alike samples of the first ~100 steps
-  config.collapse.lr_factor = 0.5  # halve both rates at each rollback: the remedy
   return config

@@ -1,6 +1,7 @@
 """Whole runs: the smoke configs through the real script, restarts, and user mistakes."""
 
 import glob
+import importlib
 import json
 import os
 import signal
@@ -160,3 +161,16 @@ def test_load_run_gives_back_the_config_and_the_saved_state(workdir):
   assert int(train.load_run(workdir, step=2)[2].step) == 2
   with pytest.raises(UserError, match="no training run"):
     train.load_run(os.path.join(workdir, "missing"))
+
+
+@pytest.mark.parametrize(
+  "name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f[0] != "_")
+)
+def test_every_recipe_has_a_valid_smoke_run_on_synthetic_faces(name):
+  if name == "default":
+    pytest.skip("default.py holds the shared settings, not a recipe")
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config("smoke")
+  train.validate_config(config)
+  assert config.data.source == "synthetic_faces"
+  assert config.train.num_steps <= 100
