@@ -1,4 +1,8 @@
-"""Shared test helpers: small real configs."""
+"""Shared test helpers: small real configs and running the scripts as a user would."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -6,6 +10,19 @@ import pytest
 from configs import dcgan, dense
 
 _RECIPES = {"dcgan": dcgan, "dense": dense}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name: str, *args: str, env=None) -> subprocess.CompletedProcess:
+  """Runs scripts/<name> in a fresh Python from the repository root; returns its result."""
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "scripts", name), *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, **(env or {})},
+  )
 
 
 def tiny_config(family: str, **overrides):

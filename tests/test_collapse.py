@@ -3,19 +3,15 @@ checkpoint, and a run that diverges, is rolled back and recovers."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import run_script, tiny_config
 
 from gan import checkpointing, collapse, train
 from gan.datasets import synthetic_faces
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _signals(**overrides):
@@ -150,18 +146,9 @@ def test_with_rollback_off_a_collapse_stops_the_run_with_one_line(workdir):
     train.train_and_evaluate(config, workdir)
 
 
-def _checkpoints_script(*args):
-  return subprocess.run(
-    [sys.executable, os.path.join(ROOT, "scripts", "checkpoints.py"), *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-
-
 def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
   train.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
-  listed = _checkpoints_script("list", f"--workdir={workdir}")
+  listed = run_script("checkpoints.py", "list", f"--workdir={workdir}")
   assert listed.returncode == 0, listed.stderr[-2000:]
   rows = [line.split() for line in listed.stdout.splitlines()]
   assert rows[0][:2] == ["step", "verdict"]
@@ -171,33 +158,27 @@ def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
     ("6", "healthy"),
   ]
 
-  missing = _checkpoints_script("rollback", f"--workdir={workdir}", "--step=3")
+  missing = run_script("checkpoints.py", "rollback", f"--workdir={workdir}", "--step=3")
   assert missing.returncode == 2
   assert "saved steps: 2, 4, 6" in missing.stderr and "Traceback" not in missing.stderr
 
-  moved = _checkpoints_script("rollback", f"--workdir={workdir}", "--step=2")
+  moved = run_script("checkpoints.py", "rollback", f"--workdir={workdir}", "--step=2")
   assert moved.returncode == 0, moved.stderr[-2000:]
-  assert _checkpoints_script("list", f"--workdir={workdir}").stdout.count("healthy") == 1
+  assert run_script("checkpoints.py", "list", f"--workdir={workdir}").stdout.count("healthy") == 1
   resumed = train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   assert int(resumed.step) == 4
 
 
 def test_collapse_study_tabulates_each_seed(tmp_path):
-  result = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "scripts", "collapse_study.py"),
-      "--config=configs/dense.py:smoke",
-      f"--workdir={tmp_path}",
-      "--seeds=0",
-      "--rollback=off",
-      "--config.train.num_steps=4",
-      "--config.train.batch_size=8",
-      "--config.collapse.num_samples=16",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
+  result = run_script(
+    "collapse_study.py",
+    "--config=configs/dense.py:smoke",
+    f"--workdir={tmp_path}",
+    "--seeds=0",
+    "--rollback=off",
+    "--config.train.num_steps=4",
+    "--config.train.batch_size=8",
+    "--config.collapse.num_samples=16",
   )
   assert result.returncode == 0, result.stderr[-2000:]
   with open(tmp_path / "results.json") as f:

@@ -11,24 +11,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, run_script, tiny_config
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from gan import train
 from gan.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run_script(*args):
-  return subprocess.run(
-    [sys.executable, os.path.join(ROOT, "scripts", "train.py"), *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
 
 
 def _events(workdir):
@@ -44,7 +32,7 @@ def _saved_steps(workdir):
 
 @pytest.mark.parametrize("family", ["dcgan", "dense"])
 def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
-  result = _run_script(f"--config=configs/{family}.py:smoke", f"--workdir={workdir}")
+  result = run_script("train.py", f"--config=configs/{family}.py:smoke", f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
@@ -119,7 +107,7 @@ def test_restore_step_that_was_never_saved_is_one_clear_error(workdir):
   ],
 )
 def test_user_mistakes_are_one_line_without_a_traceback(flag, message, workdir):
-  result = _run_script("--config=configs/dense.py:smoke", f"--workdir={workdir}", flag)
+  result = run_script("train.py", "--config=configs/dense.py:smoke", f"--workdir={workdir}", flag)
   assert result.returncode != 0
   assert message in result.stderr
   assert "Traceback" not in result.stderr

@@ -2,15 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import tiny_config
+from conftest import run_script, tiny_config
 
 from gan import checkpointing, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +16,6 @@ def run(tmp_path_factory):
   config.eval.num_samples = 16
   train.train_and_evaluate(config, workdir)
   return workdir
-
-
-def _evaluate(*args, env=None):
-  return subprocess.run(
-    [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, **(env or {})},
-  )
 
 
 def test_every_checkpoint_stores_the_quality_metrics(run):
@@ -52,7 +38,7 @@ def test_policy_keeps_the_best_checkpoint_by_the_chosen_metric(tmp_path):
 
 
 def test_evaluate_prints_the_weight_free_metrics_as_json(run):
-  result = _evaluate(f"--workdir={run}", "--num_samples=16")
+  result = run_script("evaluate.py", f"--workdir={run}", "--num_samples=16")
   assert result.returncode == 0, result.stderr[-2000:]
   scores = json.loads(result.stdout)
   assert scores["step"] == 4 and scores["num_samples"] == 16
@@ -60,7 +46,8 @@ def test_evaluate_prints_the_weight_free_metrics_as_json(run):
 
 
 def test_evaluate_asked_for_fid_without_weights_says_where_to_get_them(run, tmp_path):
-  result = _evaluate(
+  result = run_script(
+    "evaluate.py",
     f"--workdir={run}",
     "--metrics=fid",
     "--num_samples=16",
@@ -71,6 +58,6 @@ def test_evaluate_asked_for_fid_without_weights_says_where_to_get_them(run, tmp_
 
 
 def test_evaluate_an_unknown_step_lists_the_saved_ones(run):
-  result = _evaluate(f"--workdir={run}", "--step=3")
+  result = run_script("evaluate.py", f"--workdir={run}", "--step=3")
   assert result.returncode == 2
   assert "saved steps: 2, 4" in result.stderr
