@@ -93,10 +93,14 @@ class Checkpointer:
       step, args=ocp.args.StandardSave(state), metrics={k: float(v) for k, v in metrics.items()}
     )
 
-  def restore(self, step: int, target):
-    """Restores the state saved at `step` into the structure, dtypes and sharding of `target`."""
+  def require(self, step: int) -> None:
+    """Raises a UserError listing the saved steps unless `step` is one of them."""
     if step not in self.all_steps():
       raise UserError(f"no checkpoint at step {step} in {self.directory}; {self._describe_steps()}")
+
+  def restore(self, step: int, target):
+    """Restores the state saved at `step` into the structure, dtypes and sharding of `target`."""
+    self.require(step)
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
   def set_aside_after(self, step: int) -> list[int]:

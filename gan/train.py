@@ -328,8 +328,7 @@ def load_run(workdir: str, step: int | None = None):
 def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, restore_step: int | None):
   """Returns the state to start from: a chosen step, else the latest checkpoint, else `state`."""
   if restore_step is not None:
-    if restore_step not in ckpt.all_steps():
-      ckpt.restore(restore_step, state)  # raises the error that lists the saved steps
+    ckpt.require(restore_step)
     ckpt.set_aside_after(restore_step)
     step = restore_step
   else:
@@ -503,7 +502,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step_fn = jax.jit(functools.partial(train_step, nets, config.train), donate_argnums=0)
   sample_fn = jax.jit(functools.partial(generate, nets))
 
-  num_real = max(config.collapse.num_samples, config.eval.num_samples)
+  num_real = max(config.collapse.num_samples, config.eval.num_samples if config.eval.metrics else 0)
   real_images, batches = _peek_images(_batches(config, step), num_real)
   health_key = jax.random.fold_in(initial.rng, _HEALTH_KEY)
   probe = collapse.HealthProbe(

@@ -53,8 +53,7 @@ def _list(ckpt: checkpointing.Checkpointer) -> None:
 def _rollback(ckpt: checkpointing.Checkpointer, step: int | None) -> None:
   if step is None:
     raise UserError("rollback needs --step=N, one of the saved steps (see the list command)")
-  if step not in ckpt.all_steps():
-    ckpt.restore(step, None)  # raises the error that lists the saved steps
+  ckpt.require(step)
   moved = ckpt.set_aside_after(step)
   aside = os.path.join(os.path.dirname(ckpt.directory), checkpointing.ASIDE_DIR)
   print(
