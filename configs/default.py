@@ -60,7 +60,7 @@ def get_config(arg=None):
   collapse.num_samples = 256  # generated (and real) images the health signals are measured on
   collapse.num_pairs = 512  # random pairs behind each mean MS-SSIM
   collapse.duplicate_distance = 0.1  # RMS pixel distance ([-1, 1] units) of a near duplicate
-  collapse.warmup_steps = 2000  # before this step only non-finite values make a verdict
+  collapse.warmup_steps = 2000  # before this step only non-finite values are judged: "unjudged"
   # Out of bounds (a "suspect" evaluation) when any of these is crossed:
   collapse.max_ms_ssim_gap = 0.2  # samples' mean MS-SSIM above the real images' by more than this
   collapse.max_duplicate_rate = 0.25  # more than this fraction of samples are near duplicates
@@ -68,6 +68,9 @@ def get_config(arg=None):
   collapse.patience = 2  # suspect evaluations in a row that make a collapse
   collapse.max_rollbacks = 5  # stop with an error after this many rollbacks in one run
   collapse.lr_factor = 1.0  # multiply both learning rates by this at each rollback
+  # Set both optimisers' Adam beta1 to this at each rollback (None keeps it): less momentum is
+  # the DCGAN paper's cure for unstable training.
+  collapse.rollback_b1 = ml_collections.config_dict.placeholder(float)
 
   # Start from this saved step instead of the latest one; later checkpoints are moved aside.
   config.restore_step = ml_collections.config_dict.placeholder(int)

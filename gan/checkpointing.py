@@ -7,6 +7,7 @@ mid-save leaves every earlier checkpoint intact and the half-written one invisib
 
 import dataclasses
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -16,15 +17,22 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from gan.collapse import HEALTHY, UNJUDGED, VERDICTS
 from gan.errors import UserError
 
 ASIDE_DIR = "checkpoints_aside"
-VERDICT = "health/verdict"  # the metric holding a checkpoint's verdict, 0 = healthy
+VERDICT = "health/verdict"  # the metric holding a checkpoint's verdict: an index of VERDICTS
+
+
+def verdict(metrics: Mapping[str, Any] | None) -> str:
+  """The verdict a checkpoint's metrics record; unjudged when they record none."""
+  index = (metrics or {}).get(VERDICT)
+  return UNJUDGED if index is None else VERDICTS[int(index)]
 
 
 def is_healthy(metrics: Mapping[str, Any] | None) -> bool:
-  """Whether a checkpoint's metrics carry a healthy verdict (older ones without any count too)."""
-  return not metrics or metrics.get(VERDICT, 0) == 0
+  """Whether a checkpoint's metrics carry a healthy verdict."""
+  return verdict(metrics) == HEALTHY
 
 
 @dataclasses.dataclass
@@ -70,6 +78,9 @@ class Checkpointer:
       best_fn=lambda metrics: 0.0,
       enable_async_checkpointing=config is not None and config.asynchronous,
       create=config is not None,
+      # A save cut short (a killed process, a full disk) leaves a temporary directory that
+      # Orbax never lists; clear them when training opens the directory again.
+      cleanup_tmp_directories=config is not None,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -82,16 +93,44 @@ class Checkpointer:
   def metrics(self, step: int) -> Mapping[str, Any] | None:
     return self._manager.metrics(step)
 
-  def last_healthy_step(self, before: int) -> int | None:
-    """The newest step before `before` whose checkpoint was judged healthy, if any."""
-    healthy = [s for s in self.all_steps() if s < before and is_healthy(self.metrics(s))]
-    return healthy[-1] if healthy else None
+  def healthy_steps(self, before: int) -> list[int]:
+    """The steps before `before` whose checkpoints were judged healthy, newest first."""
+    return [s for s in self.all_steps()[::-1] if s < before and is_healthy(self.metrics(s))]
+
+  def restore_first(self, steps: Sequence[int], target) -> tuple[int | None, Any]:
+    """Restores the first of `steps` whose checkpoint reads back whole.
+
+    A checkpoint with truncated or missing files is skipped with a warning, never used; the
+    checkpoints newer than the one restored are moved aside (see set_aside_after).
+
+    Returns:
+      The step restored and its state, or (None, None) when none of `steps` could be read.
+    """
+    for step in steps:
+      try:
+        state = self.restore(step, target)
+      except Exception as e:  # Orbax and TensorStore raise many kinds for damaged files
+        logging.warning(
+          "Skipping the checkpoint of step %d: it cannot be read (%s)", step, _first_line(e)
+        )
+        continue
+      self.set_aside_after(step)
+      return step, state
+    return None, None
 
   def save(self, step: int, state, metrics: Mapping[str, float]) -> None:
-    """Starts saving `state` as `step` (in the background when asynchronous)."""
-    self._manager.save(
-      step, args=ocp.args.StandardSave(state), metrics={k: float(v) for k, v in metrics.items()}
-    )
+    """Starts saving `state` as `step` (in the background when asynchronous).
+
+    Raises:
+      UserError: when this save, or the one before it still in flight, could not be written
+        (a full disk, a directory that is not writable); the earlier checkpoints are intact.
+    """
+    try:
+      self._manager.save(
+        step, args=ocp.args.StandardSave(state), metrics={k: float(v) for k, v in metrics.items()}
+      )
+    except Exception as e:  # Orbax wraps the OSError of its writer threads in other kinds
+      raise self._save_failed(e) from e
 
   def require(self, step: int) -> None:
     """Raises a UserError listing the saved steps unless `step` is one of them."""
@@ -123,8 +162,24 @@ class Checkpointer:
     return later
 
   def wait(self) -> None:
-    """Blocks until every save in flight is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every save in flight is on disk; raises UserError as `save` does."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_failed(e) from e
+
+  def _save_failed(self, error: Exception) -> UserError:
+    self._manager.reload()  # forget the step that was not written
+    kept = self.all_steps()
+    then = (
+      f"the checkpoints saved before are intact (steps {', '.join(map(str, kept))}); make room "
+      f"or make it writable, then run again to resume from step {kept[-1]}"
+      if kept
+      else "no checkpoint was saved before; make room or make it writable, then run again"
+    )
+    return UserError(
+      f"could not save a checkpoint in {self.directory}: {write_failure_reason(error)}; {then}"
+    )
 
   def close(self) -> None:
     self._manager.close()
@@ -132,3 +187,16 @@ class Checkpointer:
   def _describe_steps(self) -> str:
     steps = self.all_steps()
     return f"saved steps: {', '.join(map(str, steps))}" if steps else "it holds no checkpoints"
+
+
+def write_failure_reason(error: Exception) -> str:
+  """The operating system's words for why a write failed, else the error's first line."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  code = re.search(r"os_error_code='(\d+)'", str(error))  # TensorStore's form
+  return os.strerror(int(code.group(1))) if code else _first_line(error)
+
+
+def _first_line(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"

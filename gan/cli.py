@@ -12,17 +12,16 @@ from gan.errors import UserError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
-class _OnlyWarningsFrom(std_logging.Filter):
-  """Drops INFO records from the named packages: Orbax logs every step of every save."""
+class _Quieter(std_logging.Filter):
+  """Drops records below `level` from the named packages."""
 
-  def __init__(self, *packages: str):
+  def __init__(self, level: int, *packages: str):
     super().__init__()
+    self._level = level
     self._paths = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-      p in record.pathname for p in self._paths
-    )
+    return record.levelno >= self._level or not any(p in record.pathname for p in self._paths)
 
 
 def _one_line(error: Exception) -> str:
@@ -35,6 +34,18 @@ def _one_line(error: Exception) -> str:
   if isinstance(error, AttributeError | KeyError) and "Did you mean" in text:
     text = "no such config field: " + text.replace("'", "")
   return text
+
+
+def _unraisable(hook):
+  """Wraps sys.unraisablehook to drop TensorStore's callbacks into Orbax's closed event loop,
+  which follow a failed save that the trainer reports by itself."""
+
+  def quieter(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      hook(unraisable)
+
+  return quieter
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -58,7 +69,12 @@ def run(main) -> None:
 
     # tf.data runs on the host; the accelerators belong to JAX.
     tf.config.set_visible_devices([], "GPU")
-    logging.get_absl_handler().addFilter(_OnlyWarningsFrom("orbax", "jax"))
+    sys.unraisablehook = _unraisable(sys.unraisablehook)
+    handler = logging.get_absl_handler()
+    handler.addFilter(_Quieter(std_logging.WARNING, "jax"))
+    # Orbax logs every step of every save, and a failed background save as tracebacks from
+    # each of its threads; the failure reaches the trainer as one error, reported below.
+    handler.addFilter(_Quieter(std_logging.CRITICAL, "orbax"))
     try:
       return main(argv)
     except UserError as e:

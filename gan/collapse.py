@@ -11,6 +11,8 @@ against the same measures on real images:
 
 `judge` turns them into a verdict: healthy, suspect (some signal is out of bounds) or collapsed
 (out of bounds for `collapse.patience` evaluations in a row, or anything non-finite at once).
+During the warm-up (`collapse.warmup_steps`) only non-finite values are judged; the rest is
+unjudged. A rollback goes back only to a checkpoint judged healthy, else to the start.
 """
 
 import dataclasses
@@ -26,8 +28,8 @@ import numpy as np
 from gan.errors import UserError
 from gan.metrics import diversity, mode_classifier
 
-HEALTHY, SUSPECT, COLLAPSED = "healthy", "suspect", "collapsed"
-VERDICTS = (HEALTHY, SUSPECT, COLLAPSED)  # stored in checkpoint metrics by index
+HEALTHY, SUSPECT, COLLAPSED, UNJUDGED = "healthy", "suspect", "collapsed", "unjudged"
+VERDICTS = (HEALTHY, SUSPECT, COLLAPSED, UNJUDGED)  # stored in checkpoint metrics by index
 ROLLBACKS_FILE = "rollbacks.jsonl"
 
 
@@ -64,7 +66,7 @@ def judge(signals: Mapping[str, float], config, streak: int, step: int) -> Judge
   if bad or signals.get("nonfinite", 0) > 0:
     return Judgement(COLLAPSED, (f"non-finite {', '.join(bad) or 'loss or gradient'}",), streak + 1)
   if step < config.warmup_steps:
-    return Judgement(HEALTHY, (), 0)
+    return Judgement(UNJUDGED, (), 0)
   reasons = []
   gap = signals["ms_ssim"] - signals["ms_ssim_real"]
   if gap > config.max_ms_ssim_gap:

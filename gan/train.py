@@ -6,6 +6,7 @@ and checkpoints every `checkpoint.every` steps. Restarting with the same workdir
 latest checkpoint, with the data order and random numbers an uninterrupted run would have had.
 """
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -82,6 +83,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"train.ema_decay must be in [0, 1), got {train.ema_decay}")
   if train.g_lr <= 0 or train.d_lr <= 0:
     raise UserError(f"learning rates must be positive, got {train.g_lr} and {train.d_lr}")
+  for name, b1 in (("train.b1", train.b1), ("collapse.rollback_b1", config.collapse.rollback_b1)):
+    if b1 is not None and not 0 <= b1 < 1:
+      raise UserError(f"{name} must be in [0, 1), got {b1}")
+  if not 0 < config.collapse.lr_factor <= 1:
+    raise UserError(f"collapse.lr_factor must be in (0, 1], got {config.collapse.lr_factor}")
   if config.checkpoint.keep_every < 0:
     raise UserError(f"checkpoint.keep_every must be >= 0, got {config.checkpoint.keep_every}")
   losses.check_name(train.loss)
@@ -326,17 +332,23 @@ def load_run(workdir: str, step: int | None = None):
 
 
 def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, restore_step: int | None):
-  """Returns the state to start from: a chosen step, else the latest checkpoint, else `state`."""
+  """Returns the state to start from: a chosen step, else the newest checkpoint that reads back
+  whole (damaged newer ones are skipped with a warning and moved aside), else `state`."""
   if restore_step is not None:
     ckpt.require(restore_step)
-    ckpt.set_aside_after(restore_step)
-    step = restore_step
+    steps = [restore_step]
   else:
-    step = ckpt.latest_step()
-  if step is None:
+    steps = ckpt.all_steps()[::-1]
+  if not steps:
     return state
-  logging.info("Restoring the checkpoint of step %d from %s", step, ckpt.directory)
-  return ckpt.restore(step, state)
+  step, restored = ckpt.restore_first(steps, state)
+  if step is None:
+    raise UserError(
+      f"no checkpoint in {ckpt.directory} can be read (steps {', '.join(map(str, steps))}); "
+      "move the directory away to start afresh"
+    )
+  logging.info("Restored the checkpoint of step %d from %s", step, ckpt.directory)
+  return restored
 
 
 class _StopRequest:
@@ -421,38 +433,43 @@ def learning_rates(state: TrainState) -> tuple[jax.Array, jax.Array]:
   )
 
 
-def with_learning_rates(state: TrainState, g_lr, d_lr) -> TrainState:
-  def set_rate(opt_state, rate):
-    rate = jnp.asarray(rate, opt_state.hyperparams["learning_rate"].dtype)
-    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": rate})
+def with_hyperparams(state: TrainState, **values) -> TrainState:
+  """Sets Adam hyperparameters (learning_rate, b1, b2) of both optimisers: each keyword gives
+  the pair (generator's, discriminator's)."""
+
+  def update(opt_state, index):
+    hyperparams = dict(opt_state.hyperparams)
+    for name, pair in values.items():
+      hyperparams[name] = jnp.asarray(pair[index], hyperparams[name].dtype)
+    return opt_state._replace(hyperparams=hyperparams)
 
   return state.replace(
-    g_opt_state=set_rate(state.g_opt_state, g_lr), d_opt_state=set_rate(state.d_opt_state, d_lr)
+    g_opt_state=update(state.g_opt_state, 0), d_opt_state=update(state.d_opt_state, 1)
   )
 
 
 def _roll_back(ckpt, abstract_state, fallen: TrainState, rollbacks: int, config, reasons):
-  """Restores the newest healthy checkpoint before the `fallen` state (or the initial state) and
-  changes what made the run fall: a new random stream, and learning rates collapse.lr_factor
-  times the lower of the restored and the fallen state's, so repeated rollbacks keep lowering
-  them even when they go back to the same checkpoint.
+  """Restores the newest healthy checkpoint before the `fallen` state, else the initial state
+  (warm-up checkpoints were never judged: their generator may already be falling), and
+  changes what made the run fall: a new
+  random stream; learning rates collapse.lr_factor times the lower of the restored and the
+  fallen state's, so repeated rollbacks keep lowering them even when they go back to the same
+  checkpoint; and Adam's beta1 set to collapse.rollback_b1 when that is given.
 
   Returns:
     The state to carry on from and the rollback's record.
   """
   step = int(fallen.step)
-  target = ckpt.last_healthy_step(before=step)
+  target, state = ckpt.restore_first(ckpt.healthy_steps(before=step), abstract_state)
   if target is None:
     _, state = create_train_state(config)
-  else:
-    state = ckpt.restore(target, abstract_state)
-  ckpt.set_aside_after(target or 0)
+    ckpt.set_aside_after(0)
   state = state.replace(rng=jax.random.fold_in(state.rng, _ROLLBACK_KEY - rollbacks))
   rates = [
     jnp.minimum(restored, current) * config.collapse.lr_factor
     for restored, current in zip(learning_rates(state), learning_rates(fallen), strict=True)
   ]
-  state = with_learning_rates(state, *rates)
+  state = with_hyperparams(state, learning_rate=rates)
   event = {
     "from_step": step,
     "to_step": target or 0,
@@ -461,7 +478,16 @@ def _roll_back(ckpt, abstract_state, fallen: TrainState, rollbacks: int, config,
     "g_lr": float(rates[0]),
     "d_lr": float(rates[1]),
   }
+  if config.collapse.rollback_b1 is not None:
+    state = with_hyperparams(state, b1=[config.collapse.rollback_b1] * 2)
+    event["b1"] = config.collapse.rollback_b1
   return state, event
+
+
+def _rollback_hint(ckpt: checkpointing.Checkpointer, step: int) -> str:
+  """Names the checkpoint a rollback by hand would best go back to."""
+  steps = ckpt.healthy_steps(before=step)
+  return f"the last healthy checkpoint is step {steps[0]}" if steps else "none was judged healthy"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -555,7 +581,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           health = {f"health/{k}": v for k, v in signals.items()}
           health.update({checkpointing.VERDICT: verdict, "health/streak": streak})
           writer.write_scalars(step, health)
-          if judgement.verdict != collapse.HEALTHY:
+          if judgement.verdict in (collapse.SUSPECT, collapse.COLLAPSED):
             logging.warning(
               "Step %d: %s: %s", step, judgement.verdict, "; ".join(judgement.reasons)
             )
@@ -569,7 +595,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
               )
               raise collapse.CollapseError(
                 f"training collapsed at step {step} ({'; '.join(judgement.reasons)}) {why}; "
-                f"the last healthy checkpoint is step {ckpt.last_healthy_step(before=step)}",
+                f"{_rollback_hint(ckpt, step)}",
                 step=step,
                 signals=signals,
               )
@@ -596,6 +622,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if stop.requested:
         logging.warning("Stopped by %s after step %d, saved; run again to resume", stop.name, step)
         break
+  except BaseException:
+    # Let saves in flight finish (or fail) now, not in threads cut off at interpreter exit;
+    # the error that brought us here is the one to report.
+    with contextlib.suppress(Exception):
+      ckpt.close()
+    with contextlib.suppress(Exception):
+      writer.close()
+    raise
   finally:
     stop.restore()
   writer.flush()

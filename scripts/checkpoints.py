@@ -11,7 +11,7 @@ import os
 
 from absl import flags
 
-from gan import checkpointing, cli, collapse
+from gan import checkpointing, cli
 from gan.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
@@ -42,7 +42,7 @@ def _list(ckpt: checkpointing.Checkpointer) -> None:
   rows = [["step", "verdict", *(name for name, _, _ in _COLUMNS)]]
   for step in steps:
     metrics = ckpt.metrics(step) or {}
-    verdict = collapse.VERDICTS[int(metrics.get(checkpointing.VERDICT, 0))]
+    verdict = checkpointing.verdict(metrics)
     cells = [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in _COLUMNS]
     rows.append([str(step), verdict, *cells])
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

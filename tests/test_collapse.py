@@ -64,9 +64,11 @@ def test_non_finite_values_are_a_collapse_at_once_even_in_warm_up(bad):
   assert "non-finite" in judgement.reasons[0]
 
 
-def test_warm_up_ignores_a_young_generator_that_draws_one_face():
+def test_warm_up_leaves_a_young_generator_that_draws_one_face_unjudged():
   judgement = collapse.judge(_signals(ms_ssim=0.9), _config(warmup_steps=100), streak=0, step=50)
-  assert judgement.verdict == collapse.HEALTHY
+  assert judgement.verdict == collapse.UNJUDGED
+  later = collapse.judge(_signals(ms_ssim=0.9), _config(warmup_steps=100), streak=0, step=100)
+  assert later.verdict == collapse.SUSPECT
 
 
 def test_probe_sees_a_generator_that_draws_one_face_as_collapsed():
@@ -101,7 +103,7 @@ def test_policy_never_drops_the_last_healthy_checkpoint(tmp_path):
     ckpt.save(step, state, {checkpointing.VERDICT: verdict})
   ckpt.wait()
   assert ckpt.all_steps() == [4, 10, 12]
-  assert ckpt.last_healthy_step(before=12) == 4
+  assert ckpt.healthy_steps(before=12) == [4]
 
 
 def _rollbacks(workdir):
@@ -109,19 +111,34 @@ def _rollbacks(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(workdir):
-  train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
-  # Poison the run: a checkpoint at step 5 whose learning rates make the next step non-finite,
-  # judged suspect, as the detector would have left it.
-  config = tiny_config("dense", train__num_steps=8)
-  config.collapse.lr_factor = 0.5
+def _judge_only_non_finite(config):
+  """Thresholds so loose that only non-finite values are out of bounds, from step 0."""
+  config.collapse.update(
+    warmup_steps=0, max_ms_ssim_gap=1.0, max_duplicate_rate=1.0, min_mode_coverage=0.0
+  )
+  return config
+
+
+def _poison(workdir, config, from_step):
+  """Saves a checkpoint at from_step + 1 whose learning rates make the next step non-finite,
+  judged suspect, as the detector would have left it."""
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   _, template = train.create_train_state(config)
-  state = ckpt.restore(4, template)
-  poisoned = train.with_learning_rates(state.replace(step=jnp.int32(5)), 1e30, 1e30)
-  ckpt.save(5, poisoned, {checkpointing.VERDICT: collapse.VERDICTS.index(collapse.SUSPECT)})
+  state = ckpt.restore(from_step, template).replace(step=jnp.int32(from_step + 1))
+  poisoned = train.with_hyperparams(state, learning_rate=(1e30, 1e30))
+  ckpt.save(from_step + 1, poisoned, {checkpointing.VERDICT: collapse.VERDICTS.index("suspect")})
   ckpt.wait()
   ckpt.close()
+
+
+def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(workdir):
+  train.train_and_evaluate(
+    _judge_only_non_finite(tiny_config("dense", train__num_steps=4)), workdir
+  )
+  config = _judge_only_non_finite(tiny_config("dense", train__num_steps=8))
+  config.collapse.lr_factor = 0.5
+  config.collapse.rollback_b1 = 0.3
+  _poison(workdir, config, 4)
 
   final = train.train_and_evaluate(config, workdir)
 
@@ -131,12 +148,53 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
   # Half the lower of the healthy and the fallen rates, not half the poisoned one.
   assert event["g_lr"] == pytest.approx(0.5 * config.train.g_lr)
   assert float(train.learning_rates(final)[1]) == pytest.approx(0.5 * config.train.d_lr)
+  assert event["b1"] == 0.3
+  assert float(final.g_opt_state.hyperparams["b1"]) == pytest.approx(0.3)
+  assert float(final.d_opt_state.hyperparams["b1"]) == pytest.approx(0.3)
   assert int(final.step) == 8
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final.g_params))
   done = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert checkpointing.is_healthy(done.metrics(8))
   aside = os.path.join(workdir, checkpointing.ASIDE_DIR)
   assert any("5" in os.listdir(os.path.join(aside, d)) for d in os.listdir(aside))
+
+
+def test_with_only_warm_up_checkpoints_a_rollback_starts_afresh(workdir):
+  # The smoke configs' warm-up outlasts these runs: their checkpoints are never judged.
+  train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  config = tiny_config("dense", train__num_steps=6)
+  _poison(workdir, config, 4)
+
+  final = train.train_and_evaluate(config, workdir)
+
+  (event,) = _rollbacks(workdir)
+  assert (event["from_step"], event["to_step"]) == (6, 0)
+  assert int(final.step) == 6
+  done = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert checkpointing.verdict(done.metrics(6)) == collapse.UNJUDGED
+  (aside,) = os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR))
+  moved = os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR, aside))
+  assert sorted(moved, key=int) == ["2", "4", "5"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_checkpoint_is_skipped_with_a_warning_for_the_one_before(damage, workdir, caplog):
+  train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  data = os.path.join(workdir, "checkpoints", "4", "default", "ocdbt.process_0", "d")
+  for name in os.listdir(data):
+    if damage == "missing":
+      os.remove(os.path.join(data, name))
+    else:
+      os.truncate(os.path.join(data, name), os.path.getsize(os.path.join(data, name)) // 2)
+
+  final = train.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
+
+  assert "Skipping the checkpoint of step 4: it cannot be read" in caplog.text
+  assert int(final.step) == 6
+  (aside,) = os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR))
+  assert os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR, aside)) == ["4"]
+  resumed = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert resumed.all_steps() == [2, 4, 6]
 
 
 def test_with_rollback_off_a_collapse_stops_the_run_with_one_line(workdir):
@@ -153,9 +211,9 @@ def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
   rows = [line.split() for line in listed.stdout.splitlines()]
   assert rows[0][:2] == ["step", "verdict"]
   assert [(row[0], row[1]) for row in rows[1:]] == [
-    ("2", "healthy"),
-    ("4", "healthy"),
-    ("6", "healthy"),
+    ("2", "unjudged"),
+    ("4", "unjudged"),
+    ("6", "unjudged"),
   ]
 
   missing = run_script("checkpoints.py", "rollback", f"--workdir={workdir}", "--step=3")
@@ -164,7 +222,7 @@ def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
 
   moved = run_script("checkpoints.py", "rollback", f"--workdir={workdir}", "--step=2")
   assert moved.returncode == 0, moved.stderr[-2000:]
-  assert run_script("checkpoints.py", "list", f"--workdir={workdir}").stdout.count("healthy") == 1
+  assert run_script("checkpoints.py", "list", f"--workdir={workdir}").stdout.count("unjudged") == 1
   resumed = train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   assert int(resumed.step) == 4
 

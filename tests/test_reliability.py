@@ -1,0 +1,147 @@
+"""Never lose a run: killed at any moment, or unable to write, the trainer keeps what it saved."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, run_script, tiny_config
+
+from configs import dcgan
+from gan import checkpointing, train
+
+# A run in a child process that can be killed: the tiny dense config, asynchronous saves.
+_KILLABLE = """
+import sys
+from conftest import tiny_config
+from gan import train
+config = tiny_config("dense", **{k: int(v) for k, v in (a.split("=") for a in sys.argv[2:])})
+config.checkpoint.asynchronous = True
+print("ready", flush=True)
+train.train_and_evaluate(config, sys.argv[1])
+"""
+_SETTINGS = {
+  "train__num_steps": 60,
+  "checkpoint__every": 4,
+  "eval__every": 4,
+  "train__log_every": 4,
+}
+
+
+def _start(workdir: str, env: dict) -> subprocess.Popen:
+  args = [f"{k}={v}" for k, v in _SETTINGS.items()]
+  return subprocess.Popen(
+    [sys.executable, "-c", _KILLABLE, workdir, *args],
+    cwd=os.path.join(ROOT, "tests"),
+    env={**os.environ, "PYTHONPATH": ROOT, **env},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def test_killed_twenty_times_the_run_resumes_and_ends_bit_for_bit_as_an_unbroken_one(tmp_path):
+  workdir = str(tmp_path / "killed")
+  cache = str(tmp_path / "xla_cache")  # the children share compiled programs: restarts are quick
+  env = {
+    "JAX_COMPILATION_CACHE_DIR": cache,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+  rng = np.random.default_rng(20)
+  progress = []
+  for _ in range(20):
+    child = _start(workdir, env)
+    assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
+    # From the start of the trainer to a few steps in: restores, compiles, steps and saves.
+    time.sleep(rng.uniform(0.0, 6.0))
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
+    progress.append(steps[-1] if steps else 0)
+  assert progress[-1] < _SETTINGS["train__num_steps"], "every kill came after the run ended"
+  assert len(set(progress)) > 3, f"the kills did not land at various steps: {progress}"
+
+  finished = _start(workdir, env)
+  _, stderr = finished.communicate(timeout=600)
+  assert finished.returncode == 0, stderr[-3000:]
+
+  config = tiny_config("dense", **_SETTINGS)
+  unbroken = train.train_and_evaluate(config, str(tmp_path / "unbroken"))
+  _, template = train.create_train_state(config)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  resumed = ckpt.restore(_SETTINGS["train__num_steps"], template)
+  for a, b in zip(_leaves(resumed), _leaves(unbroken), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert not [d for d in os.listdir(ckpt.directory) if "tmp" in d]
+
+
+# Runs a script with files limited to LIMIT bytes: a write past it fails as on a full disk
+# (SIGXFSZ ignored, so the write fails rather than the process).
+_LIMITED = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_earlier_ones_stay_good(
+  workdir,
+):
+  flags = [f"--workdir={workdir}", "--config=configs/dcgan.py:smoke", "--config.train.num_steps=20"]
+  first = run_script("train.py", *flags)
+  assert first.returncode == 0, first.stderr[-2000:]
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  _, template = train.create_train_state(dcgan.get_config("smoke"))
+  saved = _leaves(ckpt.restore(20, template))
+
+  # Files may not grow past 500 kB: the events and samples fit, the next checkpoint does not.
+  more = [*flags[:-1], "--config.train.num_steps=60"]
+  script = os.path.join(ROOT, "scripts", "train.py")
+  full = subprocess.run(
+    [sys.executable, "-c", _LIMITED, "500000", script, *more],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+  assert full.returncode == 2, full.stderr[-3000:]
+  assert "Traceback" not in full.stderr, full.stderr[-3000:]
+  last = full.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: could not save a checkpoint") and "File too large" in last
+  assert "intact (steps 20)" in last and "resume from step 20" in last
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.all_steps() == [20]
+  for a, b in zip(_leaves(ckpt.restore(20, template)), saved, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+  again = run_script("train.py", *more)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 60
+
+
+@pytest.mark.parametrize(
+  ("error", "reason"),
+  [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+    (OSError(errno.EROFS, os.strerror(errno.EROFS)), "Read-only file system"),
+    (ValueError("Failed writing: x: Failed to write 9 bytes [os_error_code='28']"), "No space"),
+    (ValueError("Failed to create directory [os_error_code='13']"), "Permission denied"),
+    (ValueError("something else\nand more"), "ValueError: something else"),
+  ],
+)
+def test_a_failed_write_is_reported_in_the_operating_system_s_words(error, reason):
+  assert checkpointing.write_failure_reason(error).startswith(reason)
