@@ -72,6 +72,11 @@ def get_config(arg=None):
   # the DCGAN paper's cure for unstable training.
   collapse.rollback_b1 = ml_collections.config_dict.placeholder(float)
 
+  config.mesh = mesh = ml_collections.ConfigDict()
+  # Devices the global batch (train.batch_size) is split over; 0 is every device of every
+  # process. The batch must be a multiple of it.
+  mesh.data_axis_size = 0
+
   # Start from this saved step instead of the latest one; later checkpoints are moved aside.
   config.restore_step = ml_collections.config_dict.placeholder(int)
 

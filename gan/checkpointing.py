@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from gan import parallel
 from gan.collapse import HEALTHY, UNJUDGED, VERDICTS
 from gan.errors import UserError
 
@@ -151,13 +152,15 @@ class Checkpointer:
     later = [s for s in self.all_steps() if s > step]
     if later:
       self._manager.wait_until_finished()
-      aside = os.path.join(
-        os.path.dirname(self.directory), ASIDE_DIR, time.strftime("%Y%m%d-%H%M%S")
-      )
-      os.makedirs(aside, exist_ok=True)
-      for s in later:
-        shutil.move(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
-      logging.info("Moved checkpoints of steps %s aside to %s", later, aside)
+      if parallel.is_main_process():
+        aside = os.path.join(
+          os.path.dirname(self.directory), ASIDE_DIR, time.strftime("%Y%m%d-%H%M%S")
+        )
+        os.makedirs(aside, exist_ok=True)
+        for s in later:
+          shutil.move(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+        logging.info("Moved checkpoints of steps %s aside to %s", later, aside)
+      parallel.sync("set_aside")
       self._manager.reload()
     return later
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gan import parallel
 from gan.errors import UserError
 from gan.metrics import diversity, mode_classifier
 
@@ -125,7 +126,7 @@ class HealthProbe:
 
   def __call__(self, g_params, g_batch_stats) -> dict[str, float]:
     """The generator's signals beside the real reference, as host floats."""
-    measured = jax.device_get(self._probe(g_params, g_batch_stats))
+    measured = parallel.to_host(self._probe(g_params, g_batch_stats))
     return {**{k: float(v) for k, v in measured.items()}, **self.reference}
 
 

@@ -40,15 +40,17 @@ def num_examples(data_config) -> int:
 
 
 def create_dataset(
-  data_config, *, batch_size: int, seed: int, start_step: int = 0
+  data_config, *, batch_size: int, seed: int, start_step: int = 0, rows: slice | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
   """An endless iterator of training batches.
 
   Args:
     data_config: the config's `data` section.
-    batch_size: examples per batch.
+    batch_size: examples per (global) batch.
     seed: the training seed; it alone (with the config) decides the order and the flips.
     start_step: yield the batches from this one on, as an uninterrupted iterator would.
+    rows: yield only these rows of each batch: a process's share of the global batch when
+      several processes train together. The batches are the same whatever the process count.
 
   Returns:
     An iterator of {'image': float32 [B, R, R, 3] in [-1, 1], 'label': int32 [B]}; the label is
@@ -95,9 +97,10 @@ def create_dataset(
     .flat_map(epoch)
     .skip(offset)
     .batch(batch_size, drop_remainder=True)
-    .map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    .prefetch(tf.data.AUTOTUNE)
   )
+  if rows is not None:
+    batches = batches.map(lambda batch: {k: v[rows.start : rows.stop] for k, v in batch.items()})
+  batches = batches.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   return batches.with_options(options).as_numpy_iterator()

@@ -8,12 +8,16 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 from absl import logging
 from clu import metric_writers
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """A TensorBoard writer for WORKDIR that writes in a background thread."""
+  """A TensorBoard writer for WORKDIR that writes in a background thread; with several
+  processes, process 0 alone writes and the others' writer does nothing."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
 
 

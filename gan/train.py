@@ -24,7 +24,16 @@ import optax
 from absl import logging
 from flax import nnx
 
-from gan import checkpointing, collapse, input_pipeline, losses, models, monitoring, sampling
+from gan import (
+  checkpointing,
+  collapse,
+  input_pipeline,
+  losses,
+  models,
+  monitoring,
+  parallel,
+  sampling,
+)
 from gan.errors import UserError
 from gan.metrics import fid, quality
 
@@ -114,8 +123,11 @@ def _adam(config: ml_collections.ConfigDict, learning_rate: float):
   )
 
 
-def create_train_state(config: ml_collections.ConfigDict) -> tuple[Networks, TrainState]:
-  """Builds the networks and their initial state from `config.train.seed`."""
+def create_train_state(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> tuple[Networks, TrainState]:
+  """Builds the networks and their initial state from `config.train.seed`, replicated over
+  `mesh` when one is given (else on the default device)."""
   rng = jax.random.PRNGKey(config.train.seed)
 
   def build(key):
@@ -139,7 +151,7 @@ def create_train_state(config: ml_collections.ConfigDict) -> tuple[Networks, Tra
     latent_dim=config.model.latent_dim,
   )
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=mesh and parallel.replicated(mesh))
   def init(rng):
     generator, discriminator = build(jax.random.fold_in(rng, _INIT_KEY))
     g_params = nnx.state(generator, nnx.Param).to_pure_dict()
@@ -283,16 +295,12 @@ def train_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainSt
   return state.replace(step=step, ema_params=ema_params), metrics
 
 
-def _fixed_noise(workdir: str, state: TrainState, nets: Networks, size: int) -> np.ndarray:
-  """The noise batch behind every sample grid of a run: drawn once, saved in the workdir."""
-  path = os.path.join(workdir, "fixed_noise.npy")
-  if os.path.exists(path):
-    noise = np.load(path)
-    if noise.shape == (size, nets.latent_dim):
-      return noise
-  key = jax.random.fold_in(state.rng, _FIXED_NOISE_KEY)
+def _fixed_noise(workdir: str, root_rng, nets: Networks, size: int) -> np.ndarray:
+  """The noise batch behind every sample grid of a run, from the seed; saved in the workdir."""
+  key = jax.random.fold_in(root_rng, _FIXED_NOISE_KEY)
   noise = np.asarray(jax.random.normal(key, (size, nets.latent_dim)))
-  np.save(path, noise)
+  if parallel.is_main_process():
+    np.save(os.path.join(workdir, "fixed_noise.npy"), noise)
   return noise
 
 
@@ -389,7 +397,7 @@ def generate_many(sample_fn, params, batch_stats, noise: np.ndarray, chunk: int 
   """
   return np.concatenate(
     [
-      np.asarray(sample_fn(params, batch_stats, noise[i : i + chunk]))
+      parallel.to_host(sample_fn(params, batch_stats, noise[i : i + chunk]))
       for i in range(0, len(noise), chunk)
     ]
   )
@@ -411,17 +419,23 @@ def _evaluator(config, real_images: np.ndarray, key: jax.Array) -> quality.Evalu
 
 
 def _batches(config: ml_collections.ConfigDict, start_step: int):
+  """This process's rows of each global batch from `start_step` on, as numpy."""
   return input_pipeline.create_dataset(
-    config.data, batch_size=config.train.batch_size, seed=config.train.seed, start_step=start_step
+    config.data,
+    batch_size=config.train.batch_size,
+    seed=config.train.seed,
+    start_step=start_step,
+    rows=parallel.process_rows(config.train.batch_size),
   )
 
 
 def _peek_images(batches, count: int):
-  """The first `count` images of `batches`, and an iterator that still yields every batch."""
+  """The first `count` images of the global batches (the same on every process), and an
+  iterator that still yields every batch of `batches`."""
   head = []
-  while sum(len(b["image"]) for b in head) < count:
+  while sum(len(b["image"]) for b in head) * jax.process_count() < count:
     head.append(next(batches))
-  images = np.concatenate([b["image"] for b in head])[:count]
+  images = np.concatenate([parallel.gather_rows(b["image"]) for b in head])[:count]
   return images, itertools.chain(head, batches)
 
 
@@ -440,7 +454,7 @@ def with_hyperparams(state: TrainState, **values) -> TrainState:
   def update(opt_state, index):
     hyperparams = dict(opt_state.hyperparams)
     for name, pair in values.items():
-      hyperparams[name] = jnp.asarray(pair[index], hyperparams[name].dtype)
+      hyperparams[name] = jnp.full_like(hyperparams[name], pair[index])  # keeps its placement
     return opt_state._replace(hyperparams=hyperparams)
 
   return state.replace(
@@ -448,7 +462,7 @@ def with_hyperparams(state: TrainState, **values) -> TrainState:
   )
 
 
-def _roll_back(ckpt, abstract_state, fallen: TrainState, rollbacks: int, config, reasons):
+def _roll_back(ckpt, abstract_state, fallen: TrainState, rollbacks: int, config, mesh, reasons):
   """Restores the newest healthy checkpoint before the `fallen` state, else the initial state
   (warm-up checkpoints were never judged: their generator may already be falling), and
   changes what made the run fall: a new
@@ -459,10 +473,10 @@ def _roll_back(ckpt, abstract_state, fallen: TrainState, rollbacks: int, config,
   Returns:
     The state to carry on from and the rollback's record.
   """
-  step = int(fallen.step)
+  step = int(parallel.to_host(fallen.step))
   target, state = ckpt.restore_first(ckpt.healthy_steps(before=step), abstract_state)
   if target is None:
-    _, state = create_train_state(config)
+    _, state = create_train_state(config, mesh)
     ckpt.set_aside_after(0)
   state = state.replace(rng=jax.random.fold_in(state.rng, _ROLLBACK_KEY - rollbacks))
   rates = [
@@ -475,8 +489,8 @@ def _roll_back(ckpt, abstract_state, fallen: TrainState, rollbacks: int, config,
     "to_step": target or 0,
     "reason": "; ".join(reasons),
     "rollback": rollbacks + 1,
-    "g_lr": float(rates[0]),
-    "d_lr": float(rates[1]),
+    "g_lr": float(parallel.to_host(rates[0])),
+    "d_lr": float(parallel.to_host(rates[1])),
   }
   if config.collapse.rollback_b1 is not None:
     state = with_hyperparams(state, b1=[config.collapse.rollback_b1] * 2)
@@ -504,19 +518,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       rollback off or more often than collapse.max_rollbacks.
   """
   validate_config(config)
+  mesh = parallel.create_mesh(config.mesh.data_axis_size)
+  parallel.check_batch_size(config.train.batch_size, mesh)
   # The data source is checked before anything is written, so a bad path leaves no debris.
   input_pipeline.num_examples(config.data)
-  nets, initial = create_train_state(config)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(workdir, config)
+  nets, initial = create_train_state(config, mesh)
+  root_rng = parallel.to_host(initial.rng)  # the seed's key, the same on every process
+  if parallel.is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(workdir, config)
+  parallel.sync("workdir")
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   # Shapes, dtypes and placement to restore into; the state's own buffers are donated to steps.
+  shardings = jax.tree.map(lambda x: x.sharding, initial)
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial
   )
   state = _restore(ckpt, initial, config.restore_step)
-  step = int(state.step)
+  step = int(parallel.to_host(state.step))
   num_steps = config.train.num_steps
   streak = int((ckpt.metrics(step) or {}).get("health/streak", 0)) if step else 0
   rollbacks = collapse.count_rollbacks(workdir)
@@ -524,13 +544,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = monitoring.create_writer(workdir)
   if step == 0:
     writer.write_hparams(monitoring.flatten_config(config.to_dict()))
-  noise = _fixed_noise(workdir, state, nets, config.eval.grid_size)
-  step_fn = jax.jit(functools.partial(train_step, nets, config.train), donate_argnums=0)
+  noise = _fixed_noise(workdir, root_rng, nets, config.eval.grid_size)
+  step_fn = jax.jit(
+    functools.partial(train_step, nets, config.train),
+    donate_argnums=0,
+    out_shardings=(shardings, parallel.replicated(mesh)),
+  )
+  batch_sharding = parallel.batch_sharding(mesh)
   sample_fn = jax.jit(functools.partial(generate, nets))
 
   num_real = max(config.collapse.num_samples, config.eval.num_samples if config.eval.metrics else 0)
   real_images, batches = _peek_images(_batches(config, step), num_real)
-  health_key = jax.random.fold_in(initial.rng, _HEALTH_KEY)
+  health_key = jax.random.fold_in(root_rng, _HEALTH_KEY)
   probe = collapse.HealthProbe(
     config,
     real_images[: config.collapse.num_samples],
@@ -538,7 +563,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     functools.partial(generate, nets),
     health_key,
   )
-  eval_key = jax.random.fold_in(initial.rng, _EVAL_KEY)
+  eval_key = jax.random.fold_in(root_rng, _EVAL_KEY)
   eval_noise = _noise(eval_key, config.eval.num_samples, nets.latent_dim)
   evaluator = _evaluator(config, real_images[: config.eval.num_samples], eval_key)
   progress = monitoring.Progress(num_steps, config.train.batch_size, step)
@@ -548,14 +573,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   stop = _StopRequest()
   try:
     while step < num_steps:
-      state, metrics = step_fn(state, next(batches), jax.random.fold_in(state.rng, step))
+      batch = parallel.global_batch(next(batches), batch_sharding)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(state.rng, step))
       step += 1
       pending.append(metrics)
       last = step == num_steps
 
       nonfinite = False
-      if step % config.train.log_every == 0 or last:
-        fetched = jax.device_get(pending)
+      logged = step % config.train.log_every == 0 or last
+      if logged:
+        fetched = parallel.to_host(pending)
         pending = []
         scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         nonfinite = not all(np.isfinite(v) for v in scalars.values())
@@ -566,9 +593,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       with progress.paused():
         if step % config.eval.every == 0 or last or nonfinite:
           images = sample_fn(state.ema_params, state.g_batch_stats, noise)
-          grid = sampling.make_grid(np.asarray(images))
+          grid = sampling.make_grid(parallel.to_host(images))
           writer.write_images(step, {"samples": grid[None]})
-          sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+          if parallel.is_main_process():
+            sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
 
           if evaluator is not None and not nonfinite:
             fake = generate_many(sample_fn, state.ema_params, state.g_batch_stats, eval_noise)
@@ -600,9 +628,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 signals=signals,
               )
             ckpt.wait()
-            state, event = _roll_back(ckpt, abstract, state, rollbacks, config, judgement.reasons)
+            state, event = _roll_back(
+              ckpt, abstract, state, rollbacks, config, mesh, judgement.reasons
+            )
             rollbacks += 1
-            collapse.record_rollback(workdir, event)
+            if parallel.is_main_process():
+              collapse.record_rollback(workdir, event)
             writer.write_texts(step, {"collapse/rollback": json.dumps(event)})
             writer.write_scalars(step, {"collapse/rollbacks": rollbacks})
             logging.warning(
@@ -617,9 +648,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             batches = _batches(config, step)
             continue
 
-        if step % config.checkpoint.every == 0 or last or stop.requested:
+        # With several processes, all stop at the same step: they agree when they log.
+        stopping = (
+          stop.requested if jax.process_count() == 1 else logged and parallel.agree(stop.requested)
+        )
+        if step % config.checkpoint.every == 0 or last or stopping:
           ckpt.save(step, state, {**scalars, **health, **scores})
-      if stop.requested:
+      if stopping:
         logging.warning("Stopped by %s after step %d, saved; run again to resume", stop.name, step)
         break
   except BaseException:
