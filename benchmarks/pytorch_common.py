@@ -1,0 +1,171 @@
+"""The train step of `gan.train.train_step` in PyTorch, and its timing, for the PyTorch twins.
+
+One step is what ours does: `train.d_steps` discriminator updates on the real batch, each against
+a fresh generated batch (G in train mode, its BatchNorm statistics updated, no gradient to G);
+one generator update through D with fresh noise (no gradient to D's weights); Adam with the
+config's learning rates and betas (eps 1e-8, as optax); the EMA of G's weights with the same
+warm-up; and the same scalar metrics (losses, D's mean outputs, gradient and parameter norms).
+One difference, which costs nothing measurable: D's BatchNorm running statistics also move in
+the generator's pass, where ours discards them.
+
+`config` is a nested mapping like `ConfigDict.to_dict()` of a configs/*.py config.
+"""
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _non_saturating(real, fake):
+  return (F.softplus(-real) + F.softplus(fake)).mean(), F.softplus(-fake).mean()
+
+
+def _hinge(real, fake):
+  return (F.relu(1 - real) + F.relu(1 + fake)).mean(), -fake.mean()
+
+
+def _least_squares(real, fake):
+  return 0.5 * ((real - 1) ** 2 + fake**2).mean(), 0.5 * ((fake - 1) ** 2).mean()
+
+
+# (D's loss, G's loss) from (real logits, fake logits), as gan/losses.py.
+LOSSES = {"non_saturating": _non_saturating, "hinge": _hinge, "least_squares": _least_squares}
+
+
+def count_params(module: nn.Module) -> int:
+  """Trainable parameters; BatchNorm's running statistics are buffers, as ours are BatchStat."""
+  return sum(p.numel() for p in module.parameters())
+
+
+def _global_norm(tensors) -> torch.Tensor:
+  return torch.nn.utils.get_total_norm(list(tensors))
+
+
+class TrainStep:
+  """Calls as `step(real)` -> metrics, updating the networks, optimisers and EMA in place."""
+
+  def __init__(
+    self,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    config: Mapping,
+    autocast_dtype: torch.dtype | None = None,
+  ):
+    train = config["train"]
+    self.generator, self.discriminator = generator.train(), discriminator.train()
+    self.latent_dim = config["model"]["latent_dim"]
+    self.d_steps = train["d_steps"]
+    self.ema_decay = train["ema_decay"]
+    self.loss = LOSSES[train["loss"]]
+    betas = (train["b1"], train["b2"])
+    self.g_optimizer = torch.optim.Adam(generator.parameters(), lr=train["g_lr"], betas=betas)
+    self.d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=train["d_lr"], betas=betas)
+    self.g_params = list(generator.parameters())
+    self.d_params = list(discriminator.parameters())
+    self.ema_params = [p.detach().clone() for p in self.g_params]
+    self.step = 0
+    self.autocast_dtype = autocast_dtype
+
+  def _autocast(self):
+    if self.autocast_dtype is None:
+      return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=self.autocast_dtype)
+
+  def _d_step(self, real: torch.Tensor) -> dict:
+    z = torch.randn(real.shape[0], self.latent_dim)
+    with torch.no_grad(), self._autocast():
+      fake = self.generator(z)
+    with self._autocast():
+      real_logits = self.discriminator(real).float()
+      fake_logits = self.discriminator(fake).float()
+    d_loss = self.loss(real_logits, fake_logits)[0]
+    self.d_optimizer.zero_grad()
+    d_loss.backward()
+    self.d_optimizer.step()
+    return {
+      "d_loss": d_loss.detach(),
+      "d_real": torch.sigmoid(real_logits.detach()).mean(),
+      "d_fake": torch.sigmoid(fake_logits.detach()).mean(),
+      "d_grad_norm": _global_norm(p.grad for p in self.d_params),
+    }
+
+  def _g_step(self, batch_size: int) -> dict:
+    z = torch.randn(batch_size, self.latent_dim)
+    self.discriminator.requires_grad_(False)
+    with self._autocast():
+      logits = self.discriminator(self.generator(z)).float()
+    g_loss = self.loss(torch.zeros_like(logits), logits)[1]
+    self.g_optimizer.zero_grad()
+    g_loss.backward()
+    self.g_optimizer.step()
+    self.discriminator.requires_grad_(True)
+    return {"g_loss": g_loss.detach(), "g_grad_norm": _global_norm(p.grad for p in self.g_params)}
+
+  def __call__(self, real: torch.Tensor) -> dict:
+    for _ in range(self.d_steps):
+      d_metrics = self._d_step(real)
+    g_metrics = self._g_step(real.shape[0])
+    self.step += 1
+    decay = min(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+    with torch.no_grad():
+      torch._foreach_lerp_(self.ema_params, self.g_params, 1.0 - decay)
+      param_norms = {
+        "g_param_norm": _global_norm(self.g_params),
+        "d_param_norm": _global_norm(self.d_params),
+      }
+    return {**d_metrics, **g_metrics, **param_norms}
+
+
+def set_threads() -> int:
+  """Lets PyTorch use every core this process may run on, or OMP_NUM_THREADS when that is set;
+  returns how many."""
+  threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+  torch.set_num_threads(threads)
+  return threads
+
+
+def benchmark(
+  build: Callable[[Mapping], tuple[nn.Module, nn.Module]],
+  config: Mapping,
+  *,
+  repeats: int,
+  steps: int,
+) -> dict:
+  """Times `steps` train steps `repeats` times (after one warm-up step) on one fixed batch, in
+  float32 and with bfloat16 autocast, each from freshly built networks.
+
+  Returns:
+    Parameter counts, threads, and per precision (fp32, bf16) the median seconds per step and
+    images per second.
+  """
+  threads = set_threads()
+  torch.manual_seed(config["train"]["seed"])
+  batch_size, resolution = config["train"]["batch_size"], config["data"]["resolution"]
+  real = torch.rand(batch_size, 3, resolution, resolution) * 2 - 1
+  generator, discriminator = build(config)
+  report = {
+    "torch_version": torch.__version__,
+    "threads": threads,
+    "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+    "generator_params": count_params(generator),
+    "discriminator_params": count_params(discriminator),
+  }
+  for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+    step = TrainStep(*build(config), config, autocast_dtype=dtype)
+    step(real)  # warm-up: first-call allocations and kernel choices
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      for _ in range(steps):
+        step(real)
+      times.append((time.perf_counter() - start) / steps)
+    seconds = statistics.median(times)
+    report[f"step_seconds_median_{precision}"] = seconds
+    report[f"images_per_second_{precision}"] = batch_size / seconds
+  return report

@@ -1,0 +1,193 @@
+"""How fast training runs here: the train step, the input pipeline and the machine's ceiling.
+
+`scripts/benchmark.py` prints `run(config, ...)` as JSON. The step timed is the trainer's own
+(`gan.train.train_step`, jitted with the state donated) on one fixed batch already on the device,
+so the input pipeline, timed separately, does not count; a square float32 matmul gives the
+FLOP/s the machine reaches at best, against which the step's FLOP/s are judged.
+"""
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from gan import input_pipeline, models, train
+from gan.errors import UserError
+
+# Square matmul sizes tried for the ceiling; accelerators need bigger ones to reach their peak.
+_CPU_MATMUL_SIZES = (512, 1024, 2048)
+_ACCELERATOR_MATMUL_SIZES = (1024, 2048, 4096, 8192)
+
+
+def median_seconds(block: Callable[[], None], repeats: int) -> float:
+  """The median wall time of `block()` over `repeats` calls; `block` must wait for its results."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def device_info() -> dict:
+  device = jax.devices()[0]
+  return {
+    "kind": device.device_kind,
+    "platform": device.platform,
+    "count": jax.device_count(),
+    "jax_version": jax.__version__,
+  }
+
+
+def flops_from_cost_analysis(analysis) -> float | None:
+  """The 'flops' of a compiled program's cost_analysis(), which jax versions return as a dict or
+  as a list with one dict per program; None when XLA did not count them."""
+  if isinstance(analysis, Sequence):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  if flops is None or not math.isfinite(flops) or flops <= 0:
+    return None
+  return float(flops)
+
+
+def matmul_ceiling(repeats: int, sizes: Sequence[int] | None = None) -> float:
+  """The best FLOP/s of a jitted square float32 matmul over `sizes` (median of `repeats` each)."""
+  if sizes is None:
+    on_cpu = jax.devices()[0].platform == "cpu"
+    sizes = _CPU_MATMUL_SIZES if on_cpu else _ACCELERATOR_MATMUL_SIZES
+  matmul = jax.jit(jnp.matmul)
+  best = 0.0
+  for n in sizes:
+    a, b = jax.random.normal(jax.random.PRNGKey(n), (2, n, n), jnp.float32)
+    # A block does at least an eighth of the largest size's work, so dispatch does not count.
+    calls = max(1, (sizes[-1] // n) ** 3 // 8)
+    jax.block_until_ready(matmul(a, b))  # compiles
+
+    def block(a=a, b=b, calls=calls):
+      jax.block_until_ready([matmul(a, b) for _ in range(calls)])
+
+    best = max(best, 2 * n**3 * calls / median_seconds(block, repeats))
+  return best
+
+
+def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: int) -> dict:
+  """Compiles the trainer's step and times `repeats` blocks of `steps` steps after a warm-up.
+
+  Returns:
+    compile_seconds, step_seconds_median, step_images_per_second, flops_per_step (None when XLA
+    does not count them) and achieved_flops_per_second.
+  """
+  nets, state = train.create_train_state(config)
+  batch_size, resolution = config.train.batch_size, config.data.resolution
+  # Pixel values do not change the work; one batch on the device keeps the input out of it.
+  batch = {
+    "image": jax.random.uniform(
+      jax.random.PRNGKey(0), (batch_size, resolution, resolution, 3), minval=-1.0, maxval=1.0
+    ),
+    "label": jnp.zeros((batch_size,), jnp.int32),
+  }
+  # The trainer's keys, made up front: step i uses fold_in(state.rng, i).
+  keys = list(jax.vmap(functools.partial(jax.random.fold_in, state.rng))(jnp.arange(steps + 1)))
+  step_fn = jax.jit(functools.partial(train.train_step, nets, config.train), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch, keys[0]).compile()
+  compile_seconds = time.perf_counter() - start
+  try:
+    flops = flops_from_cost_analysis(compiled.cost_analysis())
+  except (NotImplementedError, RuntimeError) as e:
+    logging.warning("XLA gave no cost analysis of the train step: %s", e)
+    flops = None
+
+  state, metrics = compiled(state, batch, keys[0])  # warm-up: first-run allocations
+  jax.block_until_ready((state, metrics))
+
+  def block():
+    nonlocal state
+    for key in keys[1:]:
+      state, metrics = compiled(state, batch, key)
+    jax.block_until_ready((state, metrics))
+
+  step_seconds = median_seconds(block, repeats) / steps
+  return {
+    "compile_seconds": compile_seconds,
+    "step_seconds_median": step_seconds,
+    "step_images_per_second": batch_size / step_seconds,
+    "flops_per_step": flops,
+    "achieved_flops_per_second": flops and flops / step_seconds,
+  }
+
+
+def time_input_pipeline(config: ml_collections.ConfigDict, *, batches: int) -> float:
+  """Images per second the input pipeline yields, over `batches` batches after the first (which
+  pays for building the pipeline and, with a full shuffle, for reading the whole dataset)."""
+  batch_size = config.train.batch_size
+  iterator = input_pipeline.create_dataset(
+    config.data, batch_size=batch_size, seed=config.train.seed
+  )
+  try:
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(iterator)
+    return batch_size * batches / (time.perf_counter() - start)
+  finally:
+    # Stops tf.data's background threads, which would take cores from whatever runs next.
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def parameter_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The generator's and discriminator's parameter counts, from shapes alone."""
+  generator, discriminator = nnx.eval_shape(
+    lambda: models.create_models(config.model, config.data.resolution, rngs=nnx.Rngs(0))
+  )
+  return models.count_params(generator), models.count_params(discriminator)
+
+
+def run(config: ml_collections.ConfigDict, *, repeats: int, steps: int, input_batches: int) -> dict:
+  """Everything scripts/benchmark.py reports, as a JSON-ready dict.
+
+  The input pipeline is timed last, so its threads take no cores from the rest; a data source
+  that cannot be read leaves input_pipeline_images_per_second None and says why in
+  input_pipeline_error.
+
+  Raises:
+    UserError: for a bad config or counts below one.
+  """
+  for name, value in (("repeats", repeats), ("steps", steps), ("input_batches", input_batches)):
+    if value < 1:
+      raise UserError(f"--{name} must be at least 1, not {value}")
+  train.validate_config(config)
+  g_params, d_params = parameter_counts(config)
+  report = {
+    "device": device_info(),
+    "model": config.model.name,
+    "dtype": config.model.dtype,
+    "resolution": config.data.resolution,
+    "batch_size": config.train.batch_size,
+    "d_steps": config.train.d_steps,
+    "generator_params": g_params,
+    "discriminator_params": d_params,
+    "repeats": repeats,
+    "steps": steps,
+  }
+  ceiling = matmul_ceiling(repeats)
+  report.update(time_train_step(config, repeats=repeats, steps=steps))
+  achieved = report["achieved_flops_per_second"]
+  report["matmul_ceiling_flops_per_second"] = ceiling
+  report["fraction_of_ceiling"] = achieved and achieved / ceiling
+  try:
+    report["input_pipeline_images_per_second"] = time_input_pipeline(config, batches=input_batches)
+  except UserError as e:
+    logging.warning("Input pipeline not timed: %s", e)
+    report["input_pipeline_images_per_second"] = None
+    report["input_pipeline_error"] = str(e)
+  return report

@@ -1,0 +1,93 @@
+"""Measures training speed on this machine and prints it as one JSON object.
+
+    python scripts/benchmark.py --config=configs/dcgan.py [--config.train.batch_size=64] \
+        [--repeats=3] [--steps=5] [--vs-pytorch]
+
+Times the compile and the steps of the trainer's jitted train step on one fixed batch, the
+FLOP/s it reaches against the best of a float32 matmul here, and the input pipeline on its own.
+--vs-pytorch also times the same networks and train step in PyTorch (benchmarks/pytorch_*.py),
+in float32 and with bfloat16 autocast; it needs `pip install torch==2.13.0` (the CPU build).
+"""
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from gan import benchmarking, cli, models
+from gan.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "A config file, e.g. configs/dcgan.py or configs/dense.py:smoke.",
+  lock_config=True,
+)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed blocks of steps; the median one counts.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Train steps in each timed block.")
+_INPUT_BATCHES = flags.DEFINE_integer(
+  "input_batches", 20, "Batches the input pipeline is timed over, after its first."
+)
+_VS_PYTORCH = flags.DEFINE_bool(
+  "vs-pytorch", False, "Also time the same networks and train step in PyTorch."
+)
+flags.mark_flags_as_required(["config"])
+
+
+def _check_pytorch(family: str) -> None:
+  if family not in models.MODEL_NAMES:
+    raise UserError(
+      f"Unknown model.name {family!r}; choose one of {', '.join(models.MODEL_NAMES)}."
+    )
+  if importlib.util.find_spec("torch") is None:
+    raise UserError(
+      "--vs-pytorch needs PyTorch, which is not installed: pip install torch==2.13.0 "
+      "(the CPU build)"
+    )
+
+
+def _time_pytorch(config, jax_images_per_second: float) -> dict:
+  """The PyTorch twin's report for config.model.name, with our speed-up over it."""
+  sys.path.insert(0, ROOT)  # benchmarks/ is not part of the installed package
+  # Imported only now: it sets PyTorch's OpenMP wait policy before torch loads.
+  twin = importlib.import_module(f"benchmarks.pytorch_{config.model.name}")
+  logging.info("Timing the PyTorch twin of %s", config.model.name)
+  report = twin.benchmark(config.to_dict(), repeats=_REPEATS.value, steps=_STEPS.value)
+  for precision in ("fp32", "bf16"):
+    report[f"jax_speedup_over_{precision}"] = (
+      jax_images_per_second / report[f"images_per_second_{precision}"]
+    )
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if _VS_PYTORCH.value:
+    _check_pytorch(config.model.name)  # before a whole JAX benchmark, not after it
+  report = {
+    "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+    "overrides": config_flags.get_override_values(flags.FLAGS["config"]),
+  }
+  # stdout is for the JSON alone; TFDS prints as it prepares a dataset.
+  with contextlib.redirect_stdout(sys.stderr):
+    report.update(
+      benchmarking.run(
+        config, repeats=_REPEATS.value, steps=_STEPS.value, input_batches=_INPUT_BATCHES.value
+      )
+    )
+    if _VS_PYTORCH.value:
+      report["pytorch"] = _time_pytorch(config, report["step_images_per_second"])
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  cli.run(main)

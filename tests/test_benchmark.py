@@ -1,0 +1,122 @@
+"""scripts/benchmark.py on a tiny config, its one-line error without PyTorch, and the PyTorch
+twins in benchmarks/ (those tests need torch, which CI does not install)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, run_script, tiny_config
+
+from configs import dcgan, dense
+from gan import benchmarking
+
+# tiny_config("dcgan") as flags, with as few timed steps as give a median.
+TINY_DCGAN = [
+  "--config=configs/dcgan.py:smoke",
+  "--config.train.batch_size=8",
+  "--config.model.base_width=8",
+  "--config.data.num_examples=128",
+  "--config.data.shuffle_buffer=128",
+  "--repeats=2",
+  "--steps=2",
+  "--input_batches=2",
+]
+MEASUREMENTS = (
+  "compile_seconds",
+  "step_seconds_median",
+  "step_images_per_second",
+  "flops_per_step",
+  "achieved_flops_per_second",
+  "matmul_ceiling_flops_per_second",
+  "fraction_of_ceiling",
+  "input_pipeline_images_per_second",
+)
+
+
+@pytest.fixture(scope="module")
+def report():
+  result = run_script("benchmark.py", *TINY_DCGAN)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout)  # stdout holds the JSON object and nothing else
+
+
+def test_benchmark_prints_every_measurement_as_a_positive_finite_number(report):
+  for name in MEASUREMENTS:
+    value = report[name]
+    assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)
+  assert report["fraction_of_ceiling"] == pytest.approx(
+    report["achieved_flops_per_second"] / report["matmul_ceiling_flops_per_second"]
+  )
+
+
+def test_benchmark_describes_the_device_and_the_config(report):
+  assert report["device"]["platform"] == "cpu" and report["device"]["count"] >= 1
+  assert report["device"]["kind"]
+  assert report["config"] == "configs/dcgan.py:smoke"
+  assert (report["model"], report["resolution"], report["batch_size"]) == ("dcgan", 32, 8)
+  counts = benchmarking.parameter_counts(tiny_config("dcgan"))
+  assert (report["generator_params"], report["discriminator_params"]) == counts
+
+
+@pytest.mark.parametrize(
+  "analysis, flops",
+  [
+    ({"flops": 12.0, "bytes accessed": 3.0}, 12.0),
+    ([{"flops": 12.0}], 12.0),
+    ({"bytes accessed": 3.0}, None),
+    ({"flops": -1.0}, None),
+    ([], None),
+    (None, None),
+  ],
+)
+def test_flops_come_from_either_form_of_cost_analysis_or_are_none(analysis, flops):
+  assert benchmarking.flops_from_cost_analysis(analysis) == flops
+
+
+def test_vs_pytorch_without_torch_is_a_one_line_error():
+  # The script as a user without PyTorch runs it: None in sys.modules makes `import torch` fail.
+  argv = [os.path.join(ROOT, "scripts", "benchmark.py"), *TINY_DCGAN, "--vs-pytorch"]
+  code = (
+    "import runpy, sys; sys.modules['torch'] = None; "
+    f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "pip install torch==2.13.0" in errors[0]
+  assert result.stdout == ""
+
+
+_RECIPES = {"dcgan": dcgan, "dense": dense}
+
+
+@pytest.mark.parametrize("family", ["dcgan", "dense"])
+@pytest.mark.parametrize("arg", ["smoke", None])
+def test_pytorch_twin_has_the_parameter_counts_of_ours(family, arg):
+  pytest.importorskip("torch")
+  from benchmarks import pytorch_common, pytorch_dcgan, pytorch_dense
+
+  twin = {"dcgan": pytorch_dcgan, "dense": pytorch_dense}[family]
+  config = _RECIPES[family].get_config(arg)
+  generator, discriminator = twin.build(config.to_dict())
+  counts = (pytorch_common.count_params(generator), pytorch_common.count_params(discriminator))
+  assert counts == benchmarking.parameter_counts(config)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "dense"])
+def test_pytorch_twin_times_its_train_step_in_both_precisions(family):
+  pytest.importorskip("torch")
+  from benchmarks import pytorch_dcgan, pytorch_dense
+
+  twin = {"dcgan": pytorch_dcgan, "dense": pytorch_dense}[family]
+  config = tiny_config(family, train__d_steps=2, train__loss="hinge")
+  result = twin.benchmark(config.to_dict(), repeats=1, steps=1)
+  for precision in ("fp32", "bf16"):
+    assert result[f"images_per_second_{precision}"] > 0
+  assert result["generator_params"] > 0 and result["threads"] >= 1
