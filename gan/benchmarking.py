@@ -18,7 +18,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from gan import input_pipeline, models, train
+from gan import input_pipeline, models, parallel, train
 from gan.errors import UserError
 
 # Square matmul sizes tried for the ceiling; accelerators need bigger ones to reach their peak.
@@ -84,7 +84,9 @@ def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: i
     compile_seconds, step_seconds_median, step_images_per_second, flops_per_step (None when XLA
     does not count them) and achieved_flops_per_second.
   """
-  nets, state = train.create_train_state(config)
+  mesh = parallel.create_mesh(config.mesh.data_axis_size)  # the trainer's placement
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  nets, state = train.create_train_state(config, mesh)
   batch_size, resolution = config.train.batch_size, config.data.resolution
   # Pixel values do not change the work; one batch on the device keeps the input out of it.
   batch = {
@@ -93,9 +95,14 @@ def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: i
     ),
     "label": jnp.zeros((batch_size,), jnp.int32),
   }
+  batch = jax.device_put(batch, parallel.batch_sharding(mesh))
   # The trainer's keys, made up front: step i uses fold_in(state.rng, i).
   keys = list(jax.vmap(functools.partial(jax.random.fold_in, state.rng))(jnp.arange(steps + 1)))
-  step_fn = jax.jit(functools.partial(train.train_step, nets, config.train), donate_argnums=0)
+  step_fn = jax.jit(
+    functools.partial(train.train_step, nets, config.train),
+    donate_argnums=0,
+    out_shardings=(jax.tree.map(lambda x: x.sharding, state), parallel.replicated(mesh)),
+  )
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch, keys[0]).compile()
   compile_seconds = time.perf_counter() - start
@@ -116,6 +123,7 @@ def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: i
 
   step_seconds = median_seconds(block, repeats) / steps
   return {
+    "mesh_devices": mesh.size,
     "compile_seconds": compile_seconds,
     "step_seconds_median": step_seconds,
     "step_images_per_second": batch_size / step_seconds,
