@@ -98,11 +98,7 @@ def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: i
   batch = jax.device_put(batch, parallel.batch_sharding(mesh))
   # The trainer's keys, made up front: step i uses fold_in(state.rng, i).
   keys = list(jax.vmap(functools.partial(jax.random.fold_in, state.rng))(jnp.arange(steps + 1)))
-  step_fn = jax.jit(
-    functools.partial(train.train_step, nets, config.train),
-    donate_argnums=0,
-    out_shardings=(jax.tree.map(lambda x: x.sharding, state), parallel.replicated(mesh)),
-  )
+  step_fn = train.jit_train_step(nets, config, state, mesh)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch, keys[0]).compile()
   compile_seconds = time.perf_counter() - start

@@ -498,6 +498,16 @@ def _roll_back(ckpt, abstract_state, fallen: TrainState, rollbacks: int, config,
   return state, event
 
 
+def jit_train_step(nets: Networks, config, state: TrainState, mesh: jax.sharding.Mesh):
+  """The jitted train step as the trainer runs it: the state donated and kept where `state` is
+  placed, the metrics replicated over `mesh`."""
+  return jax.jit(
+    functools.partial(train_step, nets, config.train),
+    donate_argnums=0,
+    out_shardings=(jax.tree.map(lambda x: x.sharding, state), parallel.replicated(mesh)),
+  )
+
+
 def _rollback_hint(ckpt: checkpointing.Checkpointer, step: int) -> str:
   """Names the checkpoint a rollback by hand would best go back to."""
   steps = ckpt.healthy_steps(before=step)
@@ -531,7 +541,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   # Shapes, dtypes and placement to restore into; the state's own buffers are donated to steps.
-  shardings = jax.tree.map(lambda x: x.sharding, initial)
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial
   )
@@ -545,11 +554,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if step == 0:
     writer.write_hparams(monitoring.flatten_config(config.to_dict()))
   noise = _fixed_noise(workdir, root_rng, nets, config.eval.grid_size)
-  step_fn = jax.jit(
-    functools.partial(train_step, nets, config.train),
-    donate_argnums=0,
-    out_shardings=(shardings, parallel.replicated(mesh)),
-  )
+  step_fn = jit_train_step(nets, config, initial, mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   sample_fn = jax.jit(functools.partial(generate, nets))
 
