@@ -1,4 +1,6 @@
-"""The phase-decomposed k4-s2 upsampling against lax.conv_transpose, values and gradients."""
+"""The k4-s2 layers with written-out gradients against lax's convolutions, values and gradients."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +15,20 @@ from gan.models import layers
 
 
 def _reference(x, kernel):
+  """What `layers.conv_transpose_k4s2` must equal."""
   return jax.lax.conv_transpose(
     x,
     kernel,
     strides=(2, 2),
     padding=layers.LAX_PADDING,
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+def _strided_reference(x, kernel):
+  """What `layers.conv_k4s2` must equal."""
+  return jax.lax.conv_general_dilated(
+    x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
   )
 
 
@@ -45,14 +55,22 @@ def test_lax_padding_gives_exactly_double_the_size():
   assert _reference(x, kernel).shape == (2, 10, 6, 2)
 
 
-@jax.jit
-def _values_and_gradients(x, kernel, cotangent):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _values_and_gradients(ours, reference, x, kernel, cotangent):
   """(output, (d/dx, d/dkernel) of <output, cotangent>) for ours and for lax, in one compile."""
   results = []
-  for fn in (layers.conv_transpose_k4s2, _reference):
+  for fn in (ours, reference):
     y, vjp = jax.vjp(fn, x, kernel)
     results.append((y, vjp(cotangent)))
   return results
+
+
+def _assert_same_values_and_gradients(ours, reference, x, kernel, out_shape):
+  cotangent = np.random.default_rng(7).standard_normal(out_shape, np.float32)
+  ours, theirs = _values_and_gradients(ours, reference, x, kernel, cotangent)
+  np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+  for grad_ours, grad_theirs in zip(ours[1], theirs[1], strict=True):
+    np.testing.assert_allclose(grad_ours, grad_theirs, rtol=1e-5, atol=1e-4)
 
 
 @settings(max_examples=10, deadline=None)
@@ -61,13 +79,42 @@ def _values_and_gradients(x, kernel, cotangent):
 @example((1, 2, 3, 8, 5, 3))
 def test_upsampling_equals_lax_conv_transpose_in_value_and_gradient(shape):
   x, kernel = _random_pair(*shape)
-  cotangent = np.random.default_rng(7).standard_normal(
-    (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], kernel.shape[-1]), np.float32
+  batch, height, width, _ = x.shape
+  _assert_same_values_and_gradients(
+    layers.conv_transpose_k4s2,
+    _reference,
+    x,
+    kernel,
+    (batch, 2 * height, 2 * width, kernel.shape[-1]),
   )
-  ours, theirs = _values_and_gradients(x, kernel, cotangent)
-  np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
-  for grad_ours, grad_theirs in zip(ours[1], theirs[1], strict=True):
-    np.testing.assert_allclose(grad_ours, grad_theirs, rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(_shapes)
+@example((0, 1, 1, 1, 1, 1))
+@example((1, 2, 3, 8, 5, 3))
+def test_strided_convolution_equals_lax_in_value_and_gradient(shape):
+  seed, batch, half_height, half_width, c_in, c_out = shape
+  x, kernel = _random_pair(seed, batch, 2 * half_height, 2 * half_width, c_in, c_out)
+  _assert_same_values_and_gradients(
+    layers.conv_k4s2, _strided_reference, x, kernel, (batch, half_height, half_width, c_out)
+  )
+
+
+def test_strided_convolution_refuses_odd_sizes():
+  x, kernel = _random_pair(0, 1, 5, 4, 2, 3)
+  with pytest.raises(ValueError, match="even"):
+    layers.conv_k4s2(x, kernel)
+
+
+def test_downconv_is_nnx_conv_with_the_dcgan_geometry():
+  down = layers.DownConv(3, 5, bias_init=nnx.initializers.ones_init(), rngs=nnx.Rngs(0))
+  conv = nnx.Conv(3, 5, (4, 4), strides=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(1))
+  assert nnx.state(down, nnx.Param).to_pure_dict().keys() == {"kernel", "bias"}
+  conv.kernel[...] = down.kernel[...]
+  conv.bias[...] = down.bias[...]
+  x, _ = _random_pair(3, 2, 8, 6, 3, 5)
+  np.testing.assert_allclose(down(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
 def test_upconv_module_adds_its_bias_to_the_transposed_convolution():

@@ -91,14 +91,10 @@ class Discriminator(nnx.Module):
     width = base_width
     self.dtype = dtype
     conv_args = dict(kernel_init=layers.dcgan_kernel_init, dtype=dtype, rngs=rngs)
-    self.stem = nnx.Conv(3, width, (4, 4), strides=2, padding=((1, 1), (1, 1)), **conv_args)
+    self.stem = layers.DownConv(3, width, **conv_args)
     downs, norms = [], []
     for _ in range(_num_doublings(resolution) - 1):
-      downs.append(
-        nnx.Conv(
-          width, 2 * width, (4, 4), strides=2, padding=((1, 1), (1, 1)), use_bias=False, **conv_args
-        )
-      )
+      downs.append(layers.DownConv(width, 2 * width, use_bias=False, **conv_args))
       norms.append(_batch_norm(2 * width, dtype, rngs))
       width *= 2
     self.downs = nnx.List(downs)

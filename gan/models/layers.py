@@ -1,10 +1,11 @@
-"""Building blocks shared by the model families: fast upsampling, DCGAN init, activations.
+"""Building blocks shared by the model families: fast k4-s2 layers, DCGAN init, activations.
 
 `UpConv` is the k4-s2 transposed convolution of DCGAN's generator, computed as four stride-1
 2x2 convolutions (one per output phase) instead of by `lax.conv_transpose`: on XLA:CPU the
-gradient of `lax.conv_transpose` is one to two orders of magnitude slower than its forward pass,
-while the phase form differentiates as fast as any ordinary convolution. See README.md for the
-timings.
+gradient of `lax.conv_transpose` is one to two orders of magnitude slower than its forward pass.
+`DownConv` is the discriminator's k4-s2 convolution, whose input gradient is such a transposed
+convolution, computed here in the phase form too. Both write their gradients out (custom VJPs)
+in terms of fast forward convolutions. See README.md for the timings.
 """
 
 import math
@@ -17,7 +18,7 @@ from jax import lax
 
 from gan.errors import UserError
 
-_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+_DN = ("NHWC", "HWIO", "NHWC")
 
 # `lax.conv_transpose` padding for k4-s2 with output exactly 2H x 2W. lax pads the stride-dilated
 # input (2H - 1 long) by k - 1 - p = 2 on each side for PyTorch's padding p = 1:
@@ -58,6 +59,74 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
+def _strided_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The k4-s2 convolution with padding 1 (PyTorch Conv2d(k=4, s=2, p=1)): 2H x 2W -> H x W."""
+  return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_DN)
+
+
+def _phase_upsample(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_transpose_k4s2`'s value, as four stride-1 convolutions (see there)."""
+  batch, height, width, _ = x.shape
+  rows = []
+  for a in range(2):
+    phases = []
+    for b in range(2):
+      padding = ((1 - a, a), (1 - b, b))
+      phases.append(
+        lax.conv_general_dilated(x, kernel[a::2, b::2], (1, 1), padding, dimension_numbers=_DN)
+      )
+    rows.append(jnp.stack(phases, axis=3))  # [B, H, W, 2 (column phase), C_out]
+  y = jnp.stack(rows, axis=2)  # [B, H, 2 (row phase), W, 2 (column phase), C_out]
+  return y.reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
+
+
+def _mirror(kernel: jax.Array) -> jax.Array:
+  """The kernel flipped in space with its in/out axes swapped: the strided convolution with
+  kernel w and the transposed convolution with kernel _mirror(w) are each other's transpose."""
+  return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+
+
+def _strided_conv_kernel_gradient(x: jax.Array, cotangent: jax.Array, kernel: jax.Array):
+  """d<_strided_conv(x, kernel), cotangent>/dkernel (XLA's own filter-gradient convolution)."""
+  return jax.vjp(lambda k: _strided_conv(x, k), kernel)[1](cotangent)[0]
+
+
+@jax.custom_vjp
+def conv_k4s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The k4-s2 convolution with padding 1 from 2H x 2W to H x W, with a fast input gradient.
+
+  Equal to `lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)))` in NHWC/HWIO. Its
+  input gradient is a k4-s2 transposed convolution, which XLA:CPU computes slowly as a dilated
+  convolution; here it is the phase form of `conv_transpose_k4s2`. H and W must be even.
+
+  Args:
+    x: [B, 2H, 2W, C_in].
+    kernel: [4, 4, C_in, C_out].
+
+  Returns:
+    [B, H, W, C_out].
+  """
+  if x.shape[1] % 2 or x.shape[2] % 2:
+    raise ValueError(f"conv_k4s2 needs an even height and width, not {x.shape[1:3]}")
+  return _strided_conv(x, kernel)
+
+
+def _conv_forward(x, kernel):
+  return conv_k4s2(x, kernel), (x, kernel)
+
+
+def _conv_backward(residuals, cotangent):
+  x, kernel = residuals
+  return (
+    _phase_upsample(cotangent, _mirror(kernel)),
+    _strided_conv_kernel_gradient(x, cotangent, kernel),
+  )
+
+
+conv_k4s2.defvjp(_conv_forward, _conv_backward)
+
+
+@jax.custom_vjp
 def conv_transpose_k4s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """The k4-s2 transposed convolution from H x W to 2H x 2W, as four stride-1 convolutions.
 
@@ -68,9 +137,10 @@ def conv_transpose_k4s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
   2m+1 is x[m] k[1] + x[m+1] k[3]: phase a in {0, 1} is a 2-tap convolution with taps k[a::2],
   padded by (1, 0) for a = 0 and (0, 1) for a = 1.
 
-  Four separate convolutions measured faster forward+backward on XLA:CPU than one 3x3
-  convolution to 4 * C_out channels (2.25x the FLOPs) or one padded 2x2 convolution whose phases
-  are cropped out (its gradient is as slow as `lax.conv_transpose`'s).
+  Four separate convolutions measured faster on XLA:CPU than one 3x3 convolution to 4 * C_out
+  channels (2.25x the FLOPs) or one padded 2x2 convolution whose phases are cropped out. The
+  gradients are written out: this is the transpose of `conv_k4s2` with the mirrored kernel, so
+  the input gradient is that strided convolution and the kernel gradient its filter gradient.
 
   Args:
     x: [B, H, W, C_in].
@@ -79,27 +149,29 @@ def conv_transpose_k4s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     [B, 2H, 2W, C_out].
   """
-  batch, height, width, _ = x.shape
-  rows = []
-  for a in range(2):
-    phases = []
-    for b in range(2):
-      padding = ((1 - a, a), (1 - b, b))
-      phases.append(
-        lax.conv_general_dilated(
-          x, kernel[a::2, b::2], (1, 1), padding, dimension_numbers=_DIMENSION_NUMBERS
-        )
-      )
-    rows.append(jnp.stack(phases, axis=3))  # [B, H, W, 2 (column phase), C_out]
-  y = jnp.stack(rows, axis=2)  # [B, H, 2 (row phase), W, 2 (column phase), C_out]
-  return y.reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
+  return _phase_upsample(x, kernel)
 
 
-class UpConv(nnx.Module):
-  """A k4-s2 transposed convolution doubling height and width (PyTorch k=4, s=2, p=1 geometry).
+def _conv_transpose_forward(x, kernel):
+  return _phase_upsample(x, kernel), (x, kernel)
 
-  Its parameter `kernel` [4, 4, C_in, C_out] means what it means to `lax.conv_transpose`.
-  """
+
+def _conv_transpose_backward(residuals, cotangent):
+  x, kernel = residuals
+  mirrored = _mirror(kernel)
+  return (
+    _strided_conv(cotangent, mirrored),
+    _mirror(_strided_conv_kernel_gradient(cotangent, x, mirrored)),
+  )
+
+
+conv_transpose_k4s2.defvjp(_conv_transpose_forward, _conv_transpose_backward)
+
+
+class _ConvK4S2(nnx.Module):
+  """A k4-s2 layer's kernel [4, 4, C_in, C_out] and optional bias; subclasses pick the function."""
+
+  function = None  # (x, kernel) -> y
 
   def __init__(
     self,
@@ -124,7 +196,23 @@ class UpConv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or jnp.result_type(x, self.kernel[...])
-    y = conv_transpose_k4s2(x.astype(dtype), self.kernel[...].astype(dtype))
+    y = type(self).function(x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
+
+
+class UpConv(_ConvK4S2):
+  """A k4-s2 transposed convolution doubling height and width (PyTorch k=4, s=2, p=1 geometry).
+
+  Its parameter `kernel` [4, 4, C_in, C_out] means what it means to `lax.conv_transpose`.
+  """
+
+  function = staticmethod(conv_transpose_k4s2)
+
+
+class DownConv(_ConvK4S2):
+  """A k4-s2 convolution with padding 1 halving even heights and widths (PyTorch Conv2d(k=4,
+  s=2, p=1)); the same parameters, names and function as `nnx.Conv` with that geometry."""
+
+  function = staticmethod(conv_k4s2)
