@@ -1,14 +1,20 @@
-"""How fast training runs here: the train step, the input pipeline and the machine's ceiling.
+"""How fast training runs here: the train step, the input pipeline, the whole training loop and
+the machine's ceiling.
 
 `scripts/benchmark.py` prints `run(config, ...)` as JSON. The step timed is the trainer's own
 (`gan.train.train_step`, jitted with the state donated) on one fixed batch already on the device,
 so the input pipeline, timed separately, does not count; a square float32 matmul gives the
-FLOP/s the machine reaches at best, against which the step's FLOP/s are judged.
+FLOP/s the machine reaches at best, against which the step's FLOP/s are judged. The step's FLOPs
+are XLA's count of the lowered program, before the backend's own kernels (cuDNN, cuBLAS), which
+XLA:GPU leaves out of its count, replace the convolutions and dots. Optionally the trainer itself
+(`train.train_and_evaluate`) runs a few steps, so that what the loop adds to the step shows.
 """
 
+import copy
 import functools
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,7 +24,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from gan import input_pipeline, models, parallel, train
+from gan import input_pipeline, models, monitoring, parallel, train
 from gan.errors import UserError
 
 # Square matmul sizes tried for the ceiling; accelerators need bigger ones to reach their peak.
@@ -100,10 +106,11 @@ def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: i
   keys = list(jax.vmap(functools.partial(jax.random.fold_in, state.rng))(jnp.arange(steps + 1)))
   step_fn = train.jit_train_step(nets, config, state, mesh)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch, keys[0]).compile()
+  lowered = step_fn.lower(state, batch, keys[0])
+  compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
   try:
-    flops = flops_from_cost_analysis(compiled.cost_analysis())
+    flops = flops_from_cost_analysis(lowered.cost_analysis())
   except (NotImplementedError, RuntimeError) as e:
     logging.warning("XLA gave no cost analysis of the train step: %s", e)
     flops = None
@@ -125,6 +132,44 @@ def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: i
     "step_images_per_second": batch_size / step_seconds,
     "flops_per_step": flops,
     "achieved_flops_per_second": flops and flops / step_seconds,
+  }
+
+
+def time_training_loop(config: ml_collections.ConfigDict, *, steps: int) -> dict:
+  """Runs the trainer for `steps` steps in a temporary workdir, evaluating and saving a
+  checkpoint halfway and at the end, with the config's data and logging interval.
+
+  Returns:
+    steps, first_step_seconds (from the trainer's start: state, data source and compile), the
+    mean step_seconds after the first (input, copies, fetches and logging included), and the
+    last evaluation's and checkpoint save's seconds (the first evaluation also compiles).
+  """
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.train.num_steps = steps
+    config.eval.every = config.checkpoint.every = max(1, steps // 2)
+  timings = monitoring.Timings()
+  with tempfile.TemporaryDirectory() as workdir:
+    train.train_and_evaluate(config, workdir, timings)
+  return {
+    "steps": steps,
+    "first_step_seconds": timings.first_step,
+    "step_seconds": timings.step_seconds / max(timings.steps, 1),
+    "evaluation_seconds": timings.evaluations[-1],
+    "checkpoint_seconds": timings.checkpoints[-1],
+  }
+
+
+def loop_overheads(loop: dict, step_seconds: float, config: ml_collections.ConfigDict) -> dict:
+  """What the loop adds to the bare step at the config's intervals, as fractions of step time.
+
+  host: input, copies, metric fetches, logging and checkpoint saves; evaluation: sample grids,
+  the health probe and quality metrics.
+  """
+  per_step = loop["step_seconds"] + loop["checkpoint_seconds"] / config.checkpoint.every
+  return {
+    "host_overhead_fraction": per_step / step_seconds - 1,
+    "evaluation_overhead_fraction": loop["evaluation_seconds"] / config.eval.every / step_seconds,
   }
 
 
@@ -156,19 +201,34 @@ def parameter_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return models.count_params(generator), models.count_params(discriminator)
 
 
-def run(config: ml_collections.ConfigDict, *, repeats: int, steps: int, input_batches: int) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  *,
+  repeats: int,
+  steps: int,
+  input_batches: int,
+  loop_steps: int = 0,
+) -> dict:
   """Everything scripts/benchmark.py reports, as a JSON-ready dict.
 
   The input pipeline is timed last, so its threads take no cores from the rest; a data source
-  that cannot be read leaves input_pipeline_images_per_second None and says why in
-  input_pipeline_error.
+  that cannot be read, or input_batches=0, leaves input_pipeline_images_per_second None and says
+  why in input_pipeline_error. loop_steps > 0 then also runs the trainer (`loop`, with the
+  overheads at the config's own intervals).
 
   Raises:
-    UserError: for a bad config or counts below one.
+    UserError: for a bad config, repeats or steps below one, or negative input_batches or
+      loop_steps.
   """
-  for name, value in (("repeats", repeats), ("steps", steps), ("input_batches", input_batches)):
-    if value < 1:
-      raise UserError(f"--{name} must be at least 1, not {value}")
+  counts = (
+    ("repeats", repeats, 1),
+    ("steps", steps, 1),
+    ("input_batches", input_batches, 0),
+    ("loop_steps", loop_steps, 0),
+  )
+  for name, value, least in counts:
+    if value < least:
+      raise UserError(f"--{name} must be at least {least}, not {value}")
   train.validate_config(config)
   g_params, d_params = parameter_counts(config)
   report = {
@@ -188,10 +248,18 @@ def run(config: ml_collections.ConfigDict, *, repeats: int, steps: int, input_ba
   achieved = report["achieved_flops_per_second"]
   report["matmul_ceiling_flops_per_second"] = ceiling
   report["fraction_of_ceiling"] = achieved and achieved / ceiling
-  try:
-    report["input_pipeline_images_per_second"] = time_input_pipeline(config, batches=input_batches)
-  except UserError as e:
-    logging.warning("Input pipeline not timed: %s", e)
-    report["input_pipeline_images_per_second"] = None
-    report["input_pipeline_error"] = str(e)
+  report["input_pipeline_images_per_second"] = None
+  if input_batches == 0:
+    report["input_pipeline_error"] = "not timed: --input_batches=0"
+  else:
+    try:
+      report["input_pipeline_images_per_second"] = time_input_pipeline(
+        config, batches=input_batches
+      )
+    except UserError as e:
+      logging.warning("Input pipeline not timed: %s", e)
+      report["input_pipeline_error"] = str(e)
+  if loop_steps:
+    report["loop"] = time_training_loop(config, steps=loop_steps)
+    report["loop"].update(loop_overheads(report["loop"], report["step_seconds_median"], config))
   return report

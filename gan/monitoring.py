@@ -4,6 +4,7 @@ The only module that creates metric writers, so every script logs the same way.
 """
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -73,6 +74,44 @@ class Progress:
       scalars["g_loss"],
       scalars["d_real"],
       scalars["d_fake"],
+    )
+
+
+@dataclasses.dataclass
+class Timings:
+  """Where a training run's wall time went, in seconds.
+
+  first_step runs from the start of `train.train_and_evaluate` (state built or restored, data
+  source opened) until the first step's results exist, its compile included; `steps` counts the
+  steps after it and step_seconds their time outside evaluations and checkpoint saves (input,
+  host-to-device copies, metric fetches and logging included). `evaluations` and `checkpoints`
+  hold the duration of each, in order (the first evaluation compiles what it runs).
+  """
+
+  first_step: float = 0.0
+  steps: int = 0
+  step_seconds: float = 0.0
+  evaluations: list[float] = dataclasses.field(default_factory=list)
+  checkpoints: list[float] = dataclasses.field(default_factory=list)
+
+  @contextlib.contextmanager
+  def evaluation(self):
+    start = time.perf_counter()
+    yield
+    self.evaluations.append(time.perf_counter() - start)
+
+  @contextlib.contextmanager
+  def checkpoint(self):
+    start = time.perf_counter()
+    yield
+    self.checkpoints.append(time.perf_counter() - start)
+
+  def summary(self) -> str:
+    return (
+      f"first step after {self.first_step:.1f} s; {self.steps} more steps in "
+      f"{self.step_seconds:.1f} s; {len(self.evaluations)} evaluations in "
+      f"{sum(self.evaluations):.1f} s; {len(self.checkpoints)} checkpoint saves in "
+      f"{sum(self.checkpoints):.1f} s"
     )
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import flax
 import jax
@@ -514,11 +515,14 @@ def _rollback_hint(ckpt: checkpointing.Checkpointer, step: int) -> str:
   return f"the last healthy checkpoint is step {steps[0]}" if steps else "none was judged healthy"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, timings: monitoring.Timings | None = None
+) -> TrainState:
   """Trains per `config`, writing checkpoints, TensorBoard events and samples to `workdir`.
 
   Every `eval.every` steps the generator's health is judged (gan/collapse.py); on a collapse the
   run goes back to its last healthy checkpoint by itself and carries on with new random numbers.
+  Where the time went is logged at the end and, given `timings`, filled in there.
 
   Returns:
     The final TrainState.
@@ -527,6 +531,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     UserError: for a bad config or data; CollapseError (one) when the run collapses with
       rollback off or more often than collapse.max_rollbacks.
   """
+  started = time.perf_counter()
+  timings = timings if timings is not None else monitoring.Timings()
   validate_config(config)
   mesh = parallel.create_mesh(config.mesh.data_axis_size)
   parallel.check_batch_size(config.train.batch_size, mesh)
@@ -582,6 +588,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       state, metrics = step_fn(state, batch, jax.random.fold_in(state.rng, step))
       step += 1
       pending.append(metrics)
+      if timings.first_step:
+        timings.steps += 1
+      else:  # one wait, once: when the first step is done
+        jax.block_until_ready(metrics)
+        timings.first_step = time.perf_counter() - started
+        logging.info(
+          "First step done %.1f s after the start (compile included)", timings.first_step
+        )
       last = step == num_steps
 
       nonfinite = False
@@ -597,68 +611,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
       with progress.paused():
         if step % config.eval.every == 0 or last or nonfinite:
-          images = sample_fn(state.ema_params, state.g_batch_stats, noise)
-          grid = sampling.make_grid(parallel.to_host(images))
-          writer.write_images(step, {"samples": grid[None]})
-          if parallel.is_main_process():
-            sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
-
-          if evaluator is not None and not nonfinite:
-            fake = generate_many(sample_fn, state.ema_params, state.g_batch_stats, eval_noise)
-            scores = {f"eval/{k}": v for k, v in evaluator(fake).items()}
-            writer.write_scalars(step, scores)
-          signals = {**probe(state.g_params, state.g_batch_stats), "nonfinite": float(nonfinite)}
-          judgement = collapse.judge(signals, config.collapse, streak, step)
-          streak = judgement.streak
-          verdict = collapse.VERDICTS.index(judgement.verdict)
-          health = {f"health/{k}": v for k, v in signals.items()}
-          health.update({checkpointing.VERDICT: verdict, "health/streak": streak})
-          writer.write_scalars(step, health)
-          if judgement.verdict in (collapse.SUSPECT, collapse.COLLAPSED):
-            logging.warning(
-              "Step %d: %s: %s", step, judgement.verdict, "; ".join(judgement.reasons)
-            )
-
-          if judgement.verdict == collapse.COLLAPSED:
-            if not config.collapse.rollback or rollbacks >= config.collapse.max_rollbacks:
-              why = (
-                "rollback is off (collapse.rollback)"
-                if not config.collapse.rollback
-                else f"after {rollbacks} rollbacks (collapse.max_rollbacks)"
-              )
-              raise collapse.CollapseError(
-                f"training collapsed at step {step} ({'; '.join(judgement.reasons)}) {why}; "
-                f"{_rollback_hint(ckpt, step)}",
-                step=step,
-                signals=signals,
-              )
-            ckpt.wait()
-            state, event = _roll_back(
-              ckpt, abstract, state, rollbacks, config, mesh, judgement.reasons
-            )
-            rollbacks += 1
+          with timings.evaluation():
+            images = sample_fn(state.ema_params, state.g_batch_stats, noise)
+            grid = sampling.make_grid(parallel.to_host(images))
+            writer.write_images(step, {"samples": grid[None]})
             if parallel.is_main_process():
-              collapse.record_rollback(workdir, event)
-            writer.write_texts(step, {"collapse/rollback": json.dumps(event)})
-            writer.write_scalars(step, {"collapse/rollbacks": rollbacks})
-            logging.warning(
-              "Rolled back from step %d to step %d (rollback %d of at most %d): %s",
-              event["from_step"],
-              event["to_step"],
-              rollbacks,
-              config.collapse.max_rollbacks,
-              event["reason"],
-            )
-            step, streak, pending = event["to_step"], 0, []
-            batches = _batches(config, step)
-            continue
+              sampling.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+
+            if evaluator is not None and not nonfinite:
+              fake = generate_many(sample_fn, state.ema_params, state.g_batch_stats, eval_noise)
+              scores = {f"eval/{k}": v for k, v in evaluator(fake).items()}
+              writer.write_scalars(step, scores)
+            signals = {**probe(state.g_params, state.g_batch_stats), "nonfinite": float(nonfinite)}
+            judgement = collapse.judge(signals, config.collapse, streak, step)
+            streak = judgement.streak
+            verdict = collapse.VERDICTS.index(judgement.verdict)
+            health = {f"health/{k}": v for k, v in signals.items()}
+            health.update({checkpointing.VERDICT: verdict, "health/streak": streak})
+            writer.write_scalars(step, health)
+            if judgement.verdict in (collapse.SUSPECT, collapse.COLLAPSED):
+              logging.warning(
+                "Step %d: %s: %s", step, judgement.verdict, "; ".join(judgement.reasons)
+              )
+
+            if judgement.verdict == collapse.COLLAPSED:
+              if not config.collapse.rollback or rollbacks >= config.collapse.max_rollbacks:
+                why = (
+                  "rollback is off (collapse.rollback)"
+                  if not config.collapse.rollback
+                  else f"after {rollbacks} rollbacks (collapse.max_rollbacks)"
+                )
+                raise collapse.CollapseError(
+                  f"training collapsed at step {step} ({'; '.join(judgement.reasons)}) {why}; "
+                  f"{_rollback_hint(ckpt, step)}",
+                  step=step,
+                  signals=signals,
+                )
+              ckpt.wait()
+              state, event = _roll_back(
+                ckpt, abstract, state, rollbacks, config, mesh, judgement.reasons
+              )
+              rollbacks += 1
+              if parallel.is_main_process():
+                collapse.record_rollback(workdir, event)
+              writer.write_texts(step, {"collapse/rollback": json.dumps(event)})
+              writer.write_scalars(step, {"collapse/rollbacks": rollbacks})
+              logging.warning(
+                "Rolled back from step %d to step %d (rollback %d of at most %d): %s",
+                event["from_step"],
+                event["to_step"],
+                rollbacks,
+                config.collapse.max_rollbacks,
+                event["reason"],
+              )
+              step, streak, pending = event["to_step"], 0, []
+              batches = _batches(config, step)
+              continue
 
         # With several processes, all stop at the same step: they agree when they log.
         stopping = (
           stop.requested if jax.process_count() == 1 else logged and parallel.agree(stop.requested)
         )
         if step % config.checkpoint.every == 0 or last or stopping:
-          ckpt.save(step, state, {**scalars, **health, **scores})
+          with timings.checkpoint():
+            ckpt.save(step, state, {**scalars, **health, **scores})
       if stopping:
         logging.warning("Stopped by %s after step %d, saved; run again to resume", stop.name, step)
         break
@@ -672,9 +688,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise
   finally:
     stop.restore()
+  if timings.first_step:
+    after_first = time.perf_counter() - started - timings.first_step
+    timings.step_seconds = after_first - sum(timings.evaluations) - sum(timings.checkpoints)
   writer.flush()
   ckpt.wait()
   ckpt.close()
   writer.close()
   logging.info("Done: step %d of %d; checkpoints in %s", step, num_steps, ckpt.directory)
+  logging.info("Time: %s", timings.summary())
   return state

@@ -1,10 +1,11 @@
 """Measures training speed on this machine and prints it as one JSON object.
 
     python scripts/benchmark.py --config=configs/dcgan.py [--config.train.batch_size=64] \
-        [--repeats=3] [--steps=5] [--vs-pytorch]
+        [--repeats=3] [--steps=5] [--loop_steps=100] [--vs-pytorch]
 
 Times the compile and the steps of the trainer's jitted train step on one fixed batch, the
-FLOP/s it reaches against the best of a float32 matmul here, and the input pipeline on its own.
+FLOP/s it reaches against the best of a float32 matmul here, and the input pipeline on its own;
+--loop_steps also runs the trainer and reports its time to the first step and what the loop adds.
 --vs-pytorch also times the same networks and train step in PyTorch (benchmarks/pytorch_*.py),
 in float32 and with bfloat16 autocast; it needs `pip install torch==2.13.0` (the CPU build).
 """
@@ -33,7 +34,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed blocks of steps; the median one counts.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Train steps in each timed block.")
 _INPUT_BATCHES = flags.DEFINE_integer(
-  "input_batches", 20, "Batches the input pipeline is timed over, after its first."
+  "input_batches", 20, "Batches the input pipeline is timed over, after its first; 0 skips it."
+)
+_LOOP_STEPS = flags.DEFINE_integer(
+  "loop_steps",
+  0,
+  "Also run the trainer this many steps on the config's data (checkpoints and evaluations "
+  "halfway and at the end) and report what the loop adds to the step; 0 skips it.",
 )
 _VS_PYTORCH = flags.DEFINE_bool(
   "vs-pytorch", False, "Also time the same networks and train step in PyTorch."
@@ -81,7 +88,11 @@ def main(argv):
   with contextlib.redirect_stdout(sys.stderr):
     report.update(
       benchmarking.run(
-        config, repeats=_REPEATS.value, steps=_STEPS.value, input_batches=_INPUT_BATCHES.value
+        config,
+        repeats=_REPEATS.value,
+        steps=_STEPS.value,
+        input_batches=_INPUT_BATCHES.value,
+        loop_steps=_LOOP_STEPS.value,
       )
     )
     if _VS_PYTORCH.value:

@@ -12,6 +12,7 @@ from conftest import ROOT, run_script, tiny_config
 
 from configs import dcgan, dense
 from gan import benchmarking
+from gan.errors import UserError
 
 # tiny_config("dcgan") as flags, with as few timed steps as give a median.
 TINY_DCGAN = [
@@ -59,6 +60,38 @@ def test_benchmark_describes_the_device_and_the_config(report):
   assert (report["model"], report["resolution"], report["batch_size"]) == ("dcgan", 32, 8)
   counts = benchmarking.parameter_counts(tiny_config("dcgan"))
   assert (report["generator_params"], report["discriminator_params"]) == counts
+
+
+def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline():
+  config = tiny_config("dcgan", checkpoint__every=1000, eval__every=500)
+  result = benchmarking.run(config, repeats=1, steps=1, input_batches=0, loop_steps=6)
+  assert result["input_pipeline_images_per_second"] is None
+  assert "--input_batches=0" in result["input_pipeline_error"]
+  loop = result["loop"]
+  assert loop["steps"] == 6
+  for name in ("first_step_seconds", "step_seconds", "evaluation_seconds", "checkpoint_seconds"):
+    assert 0 < loop[name] < 600, (name, loop[name])
+  # The overheads are projected onto the config's own intervals, not the loop's shorter ones.
+  step = result["step_seconds_median"]
+  assert loop["host_overhead_fraction"] == pytest.approx(
+    (loop["step_seconds"] + loop["checkpoint_seconds"] / 1000) / step - 1
+  )
+  assert loop["evaluation_overhead_fraction"] == pytest.approx(
+    loop["evaluation_seconds"] / 500 / step
+  )
+
+
+@pytest.mark.parametrize("counts", [(0, 1, 1, 0), (1, 0, 1, 0), (1, 1, -1, 0), (1, 1, 1, -1)])
+def test_counts_below_their_least_are_user_errors(counts):
+  repeats, steps, input_batches, loop_steps = counts
+  with pytest.raises(UserError, match="must be at least"):
+    benchmarking.run(
+      tiny_config("dcgan"),
+      repeats=repeats,
+      steps=steps,
+      input_batches=input_batches,
+      loop_steps=loop_steps,
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,3 +153,4 @@ def test_pytorch_twin_times_its_train_step_in_both_precisions(family):
   for precision in ("fp32", "bf16"):
     assert result[f"images_per_second_{precision}"] > 0
   assert result["generator_params"] > 0 and result["threads"] >= 1
+  assert result["device"] == "cpu"  # CI and these machines have no GPU

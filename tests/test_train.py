@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from gan import losses, train
+from gan import losses, monitoring, train
 from gan.errors import UserError
 
 
@@ -112,3 +112,12 @@ def test_each_loss_rewards_d_for_telling_real_from_fake(name):
 def test_bad_settings_are_refused_before_any_work(field, value, message):
   with pytest.raises(UserError, match=message):
     train.validate_config(tiny_config("dcgan", **{field: value}))
+
+
+def test_training_reports_where_its_time_went(workdir):
+  timings = monitoring.Timings()
+  train.train_and_evaluate(tiny_config("dense"), workdir, timings)  # 4 steps, both every 2
+  assert timings.first_step > 0 and timings.steps == 3 and timings.step_seconds > 0
+  assert len(timings.evaluations) == 2 and len(timings.checkpoints) == 2
+  assert all(seconds > 0 for seconds in timings.evaluations + timings.checkpoints)
+  assert "3 more steps" in timings.summary()
