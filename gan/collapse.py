@@ -16,6 +16,7 @@ unjudged. A rollback goes back only to a checkpoint judged healthy, else to the 
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -90,7 +91,11 @@ def judge(signals: Mapping[str, float], config, streak: int, step: int) -> Judge
 
 
 class HealthProbe:
-  """Measures the diversity signals of a generator against a fixed batch of real images."""
+  """Measures the diversity signals of a generator against a fixed batch of real images.
+
+  Nothing is loaded or measured until the first call (the mode classifier, the real images' own
+  signals), so the probe adds nothing to a run's time to its first step.
+  """
 
   def __init__(self, config, real_images: np.ndarray, noise: np.ndarray, generate, key):
     """Args:
@@ -100,15 +105,24 @@ class HealthProbe:
     generate: (g_params, g_batch_stats, z) -> images, jit-compatible.
     key: chooses the MS-SSIM pairs, the same at every evaluation.
     """
-    num_pairs = config.collapse.num_pairs
+    self._config = config
+    self._real_images = real_images
+    self._noise = noise
+    self._generate = generate
+    self._key = key
+
+  @functools.cached_property
+  def _signals(self):
+    """images -> {signal: value}, jit-compatible."""
+    collapse_config = self._config.collapse
     classifier = None
-    if config.data.source == "synthetic_faces":
+    if self._config.data.source == "synthetic_faces":
       classifier = mode_classifier.load_classifier()
 
     def signals(images):
       out = {
-        "ms_ssim": diversity.mean_pairwise_ms_ssim(images, key, num_pairs),
-        "duplicate_rate": diversity.near_duplicate_rate(images, config.collapse.duplicate_distance),
+        "ms_ssim": diversity.mean_pairwise_ms_ssim(images, self._key, collapse_config.num_pairs),
+        "duplicate_rate": diversity.near_duplicate_rate(images, collapse_config.duplicate_distance),
       }
       if classifier is not None:
         hist = mode_classifier.mode_histogram(mode_classifier.predict_modes(classifier, images))
@@ -116,13 +130,18 @@ class HealthProbe:
         out["kl_uniform"] = mode_classifier.kl_from_uniform(hist)
       return out
 
-    @jax.jit
-    def probe(g_params, g_batch_stats):
-      return signals(generate(g_params, g_batch_stats, jnp.asarray(noise)))
+    return signals
 
-    self._probe = probe
-    real = jax.device_get(jax.jit(signals)(jnp.asarray(real_images)))
-    self.reference = {f"{k}_real": float(v) for k, v in real.items() if k != "kl_uniform"}
+  @functools.cached_property
+  def _probe(self):
+    signals, noise = self._signals, jnp.asarray(self._noise)  # made outside the trace
+    return jax.jit(lambda params, stats: signals(self._generate(params, stats, noise)))
+
+  @functools.cached_property
+  def reference(self) -> dict[str, float]:
+    """The real images' signals, named `<signal>_real`."""
+    real = jax.device_get(jax.jit(self._signals)(jnp.asarray(self._real_images)))
+    return {f"{k}_real": float(v) for k, v in real.items() if k != "kl_uniform"}
 
   def __call__(self, g_params, g_batch_stats) -> dict[str, float]:
     """The generator's signals beside the real reference, as host floats."""

@@ -6,6 +6,7 @@ and checkpoints every `checkpoint.every` steps. Restarting with the same workdir
 latest checkpoint, with the data order and random numbers an uninterrupted run would have had.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -509,6 +510,27 @@ def jit_train_step(nets: Networks, config, state: TrainState, mesh: jax.sharding
   )
 
 
+def _compile_ahead(step_fn, state: TrainState, config, batch_sharding) -> concurrent.futures.Future:
+  """Compiles `step_fn` for the state, batches and keys the loop will give it, in a thread, so
+  that the compile runs while the input pipeline fills its shuffle buffer; jit keeps the result
+  and the first step reuses it (were a spec to differ, that step would just compile again)."""
+  size, resolution = config.train.batch_size, config.data.resolution
+  batch = {
+    "image": jax.ShapeDtypeStruct(
+      (size, resolution, resolution, 3), jnp.float32, sharding=batch_sharding
+    ),
+    "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=batch_sharding),
+  }
+  key = jax.random.fold_in(state.rng, 0)  # made as the loop makes each step's key
+  state, key = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (state, key)
+  )
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
+  future = pool.submit(lambda: step_fn.lower(state, batch, key).compile())
+  pool.shutdown(wait=False)  # the compile runs on; the thread ends with it
+  return future
+
+
 def _rollback_hint(ckpt: checkpointing.Checkpointer, step: int) -> str:
   """Names the checkpoint a rollback by hand would best go back to."""
   steps = ckpt.healthy_steps(before=step)
@@ -539,6 +561,9 @@ def train_and_evaluate(
   # The data source is checked before anything is written, so a bad path leaves no debris.
   input_pipeline.num_examples(config.data)
   nets, initial = create_train_state(config, mesh)
+  step_fn = jit_train_step(nets, config, initial, mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  compiling = _compile_ahead(step_fn, initial, config, batch_sharding)
   root_rng = parallel.to_host(initial.rng)  # the seed's key, the same on every process
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
@@ -560,8 +585,6 @@ def train_and_evaluate(
   if step == 0:
     writer.write_hparams(monitoring.flatten_config(config.to_dict()))
   noise = _fixed_noise(workdir, root_rng, nets, config.eval.grid_size)
-  step_fn = jit_train_step(nets, config, initial, mesh)
-  batch_sharding = parallel.batch_sharding(mesh)
   sample_fn = jax.jit(functools.partial(generate, nets))
 
   num_real = max(config.collapse.num_samples, config.eval.num_samples if config.eval.metrics else 0)
@@ -577,6 +600,7 @@ def train_and_evaluate(
   eval_key = jax.random.fold_in(root_rng, _EVAL_KEY)
   eval_noise = _noise(eval_key, config.eval.num_samples, nets.latent_dim)
   evaluator = _evaluator(config, real_images[: config.eval.num_samples], eval_key)
+  compiling.result()
   progress = monitoring.Progress(num_steps, config.train.batch_size, step)
   logging.info("Training from step %d to %d in %s", step, num_steps, workdir)
   pending = []  # metrics of the steps since the last fetch, still on the device
