@@ -4,9 +4,8 @@ the machine's ceiling.
 `scripts/benchmark.py` prints `run(config, ...)` as JSON. The step timed is the trainer's own
 (`gan.train.train_step`, jitted with the state donated) on one fixed batch already on the device,
 so the input pipeline, timed separately, does not count; a square float32 matmul gives the
-FLOP/s the machine reaches at best, against which the step's FLOP/s are judged. The step's FLOPs
-are XLA's count of the lowered program, before the backend's own kernels (cuDNN, cuBLAS), which
-XLA:GPU leaves out of its count, replace the convolutions and dots. Optionally the trainer itself
+FLOP/s the machine reaches at best, against which the step's FLOP/s are judged (`count_flops`
+says how they are counted). Optionally the trainer itself
 (`train.train_and_evaluate`) runs a few steps, so that what the loop adds to the step shows.
 """
 
@@ -83,6 +82,23 @@ def matmul_ceiling(repeats: int, sizes: Sequence[int] | None = None) -> float:
   return best
 
 
+def count_flops(nets: train.Networks, config: ml_collections.ConfigDict, args) -> float | None:
+  """XLA's FLOP count of one train step on `args` (state, batch, key), or None.
+
+  Counted on the step lowered for the CPU, before any backend's optimisation: XLA:GPU counts
+  nothing before compiling and, after, leaves out the convolutions and dots it hands to cuDNN
+  and cuBLAS. The count is of the whole global batch, whatever the mesh.
+  """
+  specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  step = jax.jit(functools.partial(train.train_step, nets, config.train))
+  try:
+    with jax.default_device(jax.devices("cpu")[0]):
+      return flops_from_cost_analysis(step.lower(*specs).cost_analysis())
+  except (NotImplementedError, RuntimeError) as e:
+    logging.warning("XLA gave no cost analysis of the train step: %s", e)
+    return None
+
+
 def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: int) -> dict:
   """Compiles the trainer's step and times `repeats` blocks of `steps` steps after a warm-up.
 
@@ -106,14 +122,9 @@ def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: i
   keys = list(jax.vmap(functools.partial(jax.random.fold_in, state.rng))(jnp.arange(steps + 1)))
   step_fn = train.jit_train_step(nets, config, state, mesh)
   start = time.perf_counter()
-  lowered = step_fn.lower(state, batch, keys[0])
-  compiled = lowered.compile()
+  compiled = step_fn.lower(state, batch, keys[0]).compile()
   compile_seconds = time.perf_counter() - start
-  try:
-    flops = flops_from_cost_analysis(lowered.cost_analysis())
-  except (NotImplementedError, RuntimeError) as e:
-    logging.warning("XLA gave no cost analysis of the train step: %s", e)
-    flops = None
+  flops = count_flops(nets, config, (state, batch, keys[0]))
 
   state, metrics = compiled(state, batch, keys[0])  # warm-up: first-run allocations
   jax.block_until_ready((state, metrics))
