@@ -65,6 +65,28 @@ def test_train_step_advances_the_step_and_reports_finite_metrics():
   assert float(metrics["g_lr"]) == pytest.approx(config.train.g_lr)
 
 
+@pytest.mark.parametrize("family", ["dcgan", "dense"])
+def test_bfloat16_training_keeps_float32_weights_and_losses_and_follows_float32(family):
+  batch = _real_batch(tiny_config(family))
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_config(family, model__dtype=dtype)
+    nets, state = train.create_train_state(config)
+    step = jax.jit(functools.partial(train.train_step, nets, config.train))
+    for i in range(3):
+      state, metrics = step(state, batch, jax.random.fold_in(state.rng, i))
+    runs[dtype] = state, metrics
+  state, metrics = runs["bfloat16"]
+  weights = [state.g_params, state.d_params, state.ema_params, state.g_opt_state, state.d_opt_state]
+  for leaf in jax.tree.leaves(weights):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+  for name in ("d_loss", "g_loss"):
+    assert metrics[name].dtype == jnp.float32
+    # bf16 rounding moves the losses a little, not the run.
+    assert float(metrics[name]) == pytest.approx(float(runs["float32"][1][name]), rel=0.05)
+
+
 def test_train_step_is_deterministic_for_a_seed():
   config = tiny_config("dcgan")
   nets, _ = train.create_train_state(config)
