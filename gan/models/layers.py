@@ -106,13 +106,18 @@ def conv_k4s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     [B, H, W, C_out].
   """
-  if x.shape[1] % 2 or x.shape[2] % 2:
-    raise ValueError(f"conv_k4s2 needs an even height and width, not {x.shape[1:3]}")
+  _check_even(x)
   return _strided_conv(x, kernel)
 
 
+def _check_even(x: jax.Array) -> None:
+  if x.shape[1] % 2 or x.shape[2] % 2:
+    raise ValueError(f"conv_k4s2 needs an even height and width, not {x.shape[1:3]}")
+
+
 def _conv_forward(x, kernel):
-  return conv_k4s2(x, kernel), (x, kernel)
+  _check_even(x)
+  return _strided_conv(x, kernel), (x, kernel)
 
 
 def _conv_backward(residuals, cotangent):
@@ -171,7 +176,7 @@ conv_transpose_k4s2.defvjp(_conv_transpose_forward, _conv_transpose_backward)
 class _ConvK4S2(nnx.Module):
   """A k4-s2 layer's kernel [4, 4, C_in, C_out] and optional bias; subclasses pick the function."""
 
-  function = None  # (x, kernel) -> y
+  function: Callable[[jax.Array, jax.Array], jax.Array]  # (x, kernel) -> y, set by subclasses
 
   def __init__(
     self,
@@ -196,7 +201,7 @@ class _ConvK4S2(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or jnp.result_type(x, self.kernel[...])
-    y = type(self).function(x.astype(dtype), self.kernel[...].astype(dtype))
+    y = self.function(x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
