@@ -24,6 +24,16 @@ class _Quieter(std_logging.Filter):
     return record.levelno >= self._level or not any(p in record.pathname for p in self._paths)
 
 
+class _Orphans(std_logging.Filter):
+  """Drops asyncio's "exception was never retrieved" reports. Orbax is the only user of asyncio
+  here: when a save fails, each of its parallel writes fails (in TensorStore's C++, often with no
+  Python traceback), Orbax hands the first failure to the trainer, which reports it in one line,
+  and asyncio reports each of the rest whenever it is garbage-collected, even after that line."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.name != "asyncio" or "exception was never retrieved" not in record.getMessage()
+
+
 def _one_line(error: Exception) -> str:
   # config_flags wraps what a config file raises in a quoted message with its traceback.
   text = str(error).replace("\\n", "\n").replace("\\'", "'")
@@ -75,6 +85,7 @@ def run(main) -> None:
     # Orbax logs every step of every save, and a failed background save as tracebacks from
     # each of its threads; the failure reaches the trainer as one error, reported below.
     handler.addFilter(_Quieter(std_logging.CRITICAL, "orbax"))
+    handler.addFilter(_Orphans())
     try:
       return main(argv)
     except UserError as e:
