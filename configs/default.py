@@ -20,8 +20,7 @@ def get_config(arg=None):
   data.num_examples = 20_000  # synthetic_faces only: how many images it draws
   data.seed = 0  # synthetic_faces only: the seed that draws the dataset (not the training seed)
   data.random_flip = True  # mirror images left-right at random: faces are near symmetric
-  data.shuffle_buffer = 20_000  # examples shuffled together; >= the dataset size is a full shuffle
-  data.cache = True  # keep decoded, resized images in memory after the first epoch
+  data.cache = True  # keep decoded, resized images in memory: each is decoded once per process
   data.tfds_data_dir = ""  # where TFDS keeps the prepared anime_faces; '' is TFDS's default
   data.min_image_size = 16  # images smaller than this on either side are skipped and counted
 
@@ -88,7 +87,6 @@ def get_config(arg=None):
   if arg == "smoke":
     data.resolution = 32
     data.num_examples = 1024
-    data.shuffle_buffer = 1024
     train.batch_size = 32
     train.log_every = 10
     checkpoint.every = 20

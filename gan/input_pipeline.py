@@ -1,21 +1,30 @@
 """The input pipeline: a data config in, an endless deterministic iterator of numpy batches out.
 
-    source -> decode -> centre crop -> resize -> [cache] -> per epoch: shuffle -> random flip
-           -> batch -> scale to [-1, 1] -> prefetch -> numpy
+    per epoch: shuffled positions -> batch -> [this process's rows]
+      -> load: decode -> centre crop -> resize (or the cache) -> random flip -> scale to [-1, 1]
+      -> prefetch -> numpy
 
 Sources: `synthetic_faces` (drawn on the fly), `anime_faces` (the TFDS builder) and
-`image_folder`. Files are checked once before training (bad ones are skipped and counted), so a
-file can only fail to decode mid-epoch if it changed since; such a file is dropped with a warning.
+`image_folder`. Each is read by position, so an epoch is a permutation of positions and only the
+examples of the batches asked for are ever decoded: the first batch needs its own images, not a
+shuffle buffer's worth, and resuming skips positions, not decoded images. Decoded images are kept
+in memory (`data.cache`), so each is decoded at most once per process. Files are checked once
+before training (bad ones are skipped and counted), so a file can only fail to decode mid-run if
+it changed since; such a file is replaced in its batch by another image of that batch, with a
+warning.
 
-The batch sequence is a pure function of (data config, batch size, seed). Each epoch is the same
-ordered source, shuffled with a seed drawn statelessly from (seed, epoch) and flipped with seeds
-from (seed, epoch, position), and the epochs follow one another without a seam. So resuming at
-`start_step` starts from the right epoch without touching the earlier ones, and skips only the
-examples of that epoch that were already used.
+The batch sequence is a pure function of (data config, batch size, seed). Epoch e is the
+permutation of positions drawn statelessly from (seed, e), with flips drawn from the same pair,
+and the epochs follow one another without a seam, so resuming at `start_step` starts from the
+right epoch and position without touching the earlier ones.
 """
 
+import atexit
 import contextlib
-from collections.abc import Iterator
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -30,7 +39,9 @@ with contextlib.suppress(RuntimeError):
   tf.config.set_visible_devices([], "GPU")
 
 SOURCES = ("synthetic_faces", "anime_faces", "image_folder")
-_RENDER_CHUNK = 1024  # synthetic faces drawn per call into numpy
+
+# (positions int64 [n]) -> (images uint8 [n, R, R, 3], labels int32 [n], decoded bool [n])
+Loader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def num_examples(data_config) -> int:
@@ -50,7 +61,8 @@ def create_dataset(
     seed: the training seed; it alone (with the config) decides the order and the flips.
     start_step: yield the batches from this one on, as an uninterrupted iterator would.
     rows: yield only these rows of each batch: a process's share of the global batch when
-      several processes train together. The batches are the same whatever the process count.
+      several processes train together. The batches are the same whatever the process count,
+      and a process loads only the images of its own rows.
 
   Returns:
     An iterator of {'image': float32 [B, R, R, 3] in [-1, 1], 'label': int32 [B]}; the label is
@@ -59,122 +71,183 @@ def create_dataset(
   Raises:
     UserError: for a bad data config, missing or unreadable data, or a batch larger than it.
   """
-  examples, size = _source(data_config)
+  load, size = _source(data_config)
   if batch_size > size:
     raise UserError(
       f"batch size {batch_size} is larger than the {size:,} images of data.source "
       f"{data_config.source}: lower --config.train.batch_size or use more images"
     )
   if data_config.cache:
-    examples = examples.cache()
-  buffer_size = max(1, min(int(data_config.shuffle_buffer), size))
+    load = _Cache(load, size).load
+  resolution = int(data_config.resolution)
   random_flip = bool(data_config.random_flip)
 
   def epoch(index):
-    shuffle_seed, flip_seed = tf.unstack(
+    order_seed, flip_seed = tf.unstack(
       tf.random.stateless_uniform(
-        [2], seed=tf.stack([tf.constant(seed, tf.int64), index]), minval=None, dtype=tf.int64
+        [2, 2], seed=tf.stack([tf.constant(seed, tf.int64), index]), minval=None, dtype=tf.int64
       )
     )
-    # tf.data pairs the op seed with the graph-level seed, which a tf.random.set_seed anywhere
-    # in the process would set; clear it in this function's own graph so only our seeds count.
-    tf.compat.v1.get_default_graph().seed = None
-    shuffled = examples.shuffle(buffer_size, seed=shuffle_seed, reshuffle_each_iteration=False)
-    if not random_flip:
-      return shuffled
+    order = tf.random.experimental.stateless_shuffle(tf.range(size, dtype=tf.int64), order_seed)
+    flips = tf.random.stateless_uniform([size], seed=flip_seed) < 0.5
+    return tf.data.Dataset.from_tensor_slices((order, flips & random_flip))
 
-    def flip(position, example):
-      image = tf.image.stateless_random_flip_left_right(
-        example["image"], seed=tf.stack([flip_seed, position])
-      )
-      return {"image": image, "label": example["label"]}
-
-    return shuffled.enumerate().map(flip, num_parallel_calls=tf.data.AUTOTUNE)
+  def load_batch(positions, flips):
+    images, labels = tf.numpy_function(
+      lambda p: _whole_batch(load, p), [positions], [tf.uint8, tf.int32], stateful=False
+    )
+    images.set_shape([None, resolution, resolution, 3])
+    labels.set_shape([None])
+    images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    return {"image": tf.cast(images, tf.float32) / 127.5 - 1.0, "label": labels}
 
   first_epoch, offset = divmod(start_step * batch_size, size)
-  batches = (
+  positions = (
     tf.data.Dataset.counter(first_epoch)
     .flat_map(epoch)
     .skip(offset)
     .batch(batch_size, drop_remainder=True)
   )
   if rows is not None:
-    batches = batches.map(lambda batch: {k: v[rows.start : rows.stop] for k, v in batch.items()})
-  batches = batches.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    positions = positions.map(lambda order, flips: (order[rows], flips[rows]))
+  batches = positions.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
-  return batches.with_options(options).as_numpy_iterator()
+  return Batches(batches.prefetch(tf.data.AUTOTUNE).with_options(options))
 
 
-def _to_float(batch):
-  return {"image": tf.cast(batch["image"], tf.float32) / 127.5 - 1.0, "label": batch["label"]}
+class Batches(Iterator[dict[str, np.ndarray]]):
+  """A tf.data pipeline's batches as numpy, closed at the latest when the interpreter exits.
+
+  A UserError raised in a loader, which tf.data hands on wrapped in an UnknownError with its
+  traceback, is raised again as itself. Closing stops the pipeline's threads. Left open, a
+  pipeline still loading a batch would be destroyed while the interpreter shuts down, where the
+  loader can never get the GIL back and the process hangs: so every open one is closed at exit.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._iterator = dataset.as_numpy_iterator()
+    _open.add(self)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      raise StopIteration
+    try:
+      return next(self._iterator)
+    except tf.errors.UnknownError as e:
+      found = re.search(r"^gan\.errors\.UserError: (.*)$", e.message, re.MULTILINE)
+      if found is None:
+        raise
+      raise UserError(found.group(1)) from None
+
+  def close(self) -> None:
+    self._iterator = None
 
 
-def _source(data_config) -> tuple[tf.data.Dataset, int]:
-  """One epoch of {"image": uint8 [R, R, 3], "label": int32} in a fixed order, and its size."""
+_open: "weakref.WeakSet[Batches]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_batches() -> None:
+  for batches in list(_open):
+    batches.close()
+
+
+def _whole_batch(load: Loader, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Loads a batch; an image that no longer decodes is replaced by the first one that does."""
+  images, labels, decoded = load(positions)
+  if not decoded.all():
+    if not decoded.any():
+      raise UserError(
+        f"none of the {len(positions)} images of a batch decodes any more: "
+        "the data changed since training started"
+      )
+    first = np.argmax(decoded)
+    images[~decoded], labels[~decoded] = images[first], labels[first]
+  return images, labels
+
+
+class _Cache:
+  """Keeps what a loader decoded, so each position is decoded at most once. Threads may load
+  batches at the same time: at worst two decode the same position and store the same image."""
+
+  def __init__(self, load: Loader, size: int):
+    self._load = load
+    self._size = size
+    self._images = None
+    self._labels = np.empty((size,), np.int32)
+    self._stored = np.zeros((size,), bool)
+    self._lock = threading.Lock()
+
+  def load(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    decoded = np.ones(len(positions), bool)
+    missing = np.unique(positions[~self._stored[positions]])
+    if len(missing):
+      images, labels, ok = self._load(missing)
+      with self._lock:
+        if self._images is None:
+          self._images = np.empty((self._size, *images.shape[1:]), np.uint8)
+      self._images[missing[ok]], self._labels[missing[ok]] = images[ok], labels[ok]
+      self._stored[missing[ok]] = True
+      decoded = self._stored[positions]  # what no longer decodes stays out and is tried again
+    return self._images[positions], self._labels[positions], decoded
+
+
+def _source(data_config) -> tuple[Loader, int]:
+  """The source's loader by position and its size (after skipping bad files)."""
   source = data_config.source
   resolution = int(data_config.resolution)
   if resolution < 1:
     raise UserError(f"data.resolution must be a positive number of pixels, not {resolution}")
   if source == "synthetic_faces":
-    return _synthetic_faces(int(data_config.num_examples), resolution, int(data_config.seed))
+    num, seed = int(data_config.num_examples), int(data_config.seed)
+    if num < 1:
+      raise UserError(f"data.num_examples must be at least 1 for synthetic_faces, not {num}")
+
+    def render(positions):
+      images, labels = synthetic_faces.render_indices(positions, resolution, seed)
+      return images, labels, np.ones(len(positions), bool)
+
+    return render, num
   if source == "image_folder":
     index = image_folder.index_folder(data_config.path, int(data_config.min_image_size))
-    paths = tf.data.Dataset.from_tensor_slices(list(index.paths)).map(lambda path: (path, ""))
-    return _decoded(paths, resolution, read=True), len(index.paths)
+    return _file_loader(index.paths, None, resolution), len(index.paths)
   if source == "anime_faces":
     # Imported here: TFDS takes seconds to import and only this source needs it.
     from gan.datasets import anime_faces
 
     builder = anime_faces.prepare(data_config.path, data_config.tfds_data_dir)
-    encoded, size = anime_faces.encoded_images(builder, int(data_config.min_image_size))
-    files = encoded.map(lambda example: (example["file_name"], example["image"]))
-    return _decoded(files, resolution, read=False), size
+    names, contents = anime_faces.stored_images(builder, int(data_config.min_image_size))
+    return _file_loader(names, contents, resolution), len(names)
   raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
 
 
-def _synthetic_faces(num: int, resolution: int, seed: int) -> tuple[tf.data.Dataset, int]:
-  if num < 1:
-    raise UserError(f"data.num_examples must be at least 1 for synthetic_faces, not {num}")
+def _file_loader(names: Sequence[str], contents: Sequence[bytes] | None, resolution: int) -> Loader:
+  """Decodes the files at the given positions: `contents[i]` if given, else the file names[i].
 
-  def render(indices):
-    images, labels = tf.numpy_function(
-      lambda i: synthetic_faces.render_indices(i, resolution, seed),
-      [indices],
-      [tf.uint8, tf.int32],
-      stateful=False,
-    )
-    images.set_shape([None, resolution, resolution, 3])
-    labels.set_shape([None])
-    return {"image": images, "label": labels}
-
-  examples = tf.data.Dataset.range(num).batch(_RENDER_CHUNK).map(render).unbatch()
-  return examples, num
-
-
-def _decoded(files: tf.data.Dataset, resolution: int, *, read: bool) -> tf.data.Dataset:
-  """Decodes (name, bytes) pairs, or reads named files if `read`, to uint8 squares labelled -1.
-
-  Decoding is PIL through tf.numpy_function, in parallel with the order kept.
+  One batch decodes in one thread; tf.data loads several batches at a time, and PIL releases the
+  GIL while it decodes. (A thread pool here would deadlock the interpreter's exit with a batch
+  in flight: the exit joins the pool's threads while the batch waits to hand them work.)
   """
 
-  def decode(name, data):
+  def decode(position):
     try:
-      if read:
-        with open(name, "rb") as f:
-          data = f.read()
-      return image_folder.decode(data, resolution), True
+      if contents is not None:
+        return image_folder.decode(contents[position], resolution)
+      with open(names[position], "rb") as f:
+        return image_folder.decode(f.read(), resolution)
     except Exception as e:  # noqa: BLE001 -- a file that changed or vanished since it was checked
-      logging.warning("dropping %s: it no longer decodes (%s)", name.decode(errors="replace"), e)
-      return np.zeros((resolution, resolution, 3), np.uint8), False
+      logging.warning(
+        "%s no longer decodes (%s); another image of its batch stands in", names[position], e
+      )
+      return None
 
-  def decode_op(name, data):
-    image, ok = tf.numpy_function(decode, [name, data], [tf.uint8, tf.bool], stateful=False)
-    image.set_shape([resolution, resolution, 3])
-    return {"image": image, "label": tf.constant(-1, tf.int32)}, ok
+  def load(positions):
+    decoded = [decode(position) for position in positions]
+    ok = np.array([image is not None for image in decoded])
+    images = np.zeros((len(positions), resolution, resolution, 3), np.uint8)
+    for i in np.flatnonzero(ok):
+      images[i] = decoded[i]
+    return images, np.full(len(positions), -1, np.int32), ok
 
-  return (
-    files.map(decode_op, num_parallel_calls=tf.data.AUTOTUNE)
-    .filter(lambda _, ok: ok)
-    .map(lambda example, _: example)
-  )
+  return load

@@ -29,7 +29,6 @@ def tiny_config(family: str, **overrides):
   """The `smoke` config of a family, shrunk further so a run takes seconds."""
   config = _RECIPES[family].get_config("smoke")
   config.data.num_examples = 128
-  config.data.shuffle_buffer = 128
   config.train.batch_size = 8
   config.train.num_steps = 4
   config.train.log_every = 2

@@ -77,7 +77,7 @@ def stored(builder) -> list[tuple[str, bytes]]:
 def data_config(manual_dir, data_dir, **overrides):
   config = default.get_config().data
   config.update(dict(source="anime_faces", path=str(manual_dir), tfds_data_dir=data_dir))
-  config.update(dict(resolution=32, shuffle_buffer=100, min_image_size=16), **overrides)
+  config.update(dict(resolution=32, min_image_size=16), **overrides)
   return config
 
 

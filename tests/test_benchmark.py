@@ -20,7 +20,6 @@ TINY_DCGAN = [
   "--config.train.batch_size=8",
   "--config.model.base_width=8",
   "--config.data.num_examples=128",
-  "--config.data.shuffle_buffer=128",
   "--repeats=2",
   "--steps=2",
   "--input_batches=2",
@@ -34,6 +33,7 @@ MEASUREMENTS = (
   "matmul_ceiling_flops_per_second",
   "fraction_of_ceiling",
   "input_pipeline_images_per_second",
+  "input_pipeline_cached_images_per_second",
 )
 
 
@@ -60,6 +60,13 @@ def test_benchmark_describes_the_device_and_the_config(report):
   assert (report["model"], report["resolution"], report["batch_size"]) == ("dcgan", 32, 8)
   counts = benchmarking.parameter_counts(tiny_config("dcgan"))
   assert (report["generator_params"], report["discriminator_params"]) == counts
+
+
+def test_without_the_cache_the_pipeline_has_one_rate():
+  config = tiny_config("dcgan", data__cache=False)
+  rates = benchmarking.time_input_pipeline(config, batches=2)
+  assert rates["input_pipeline_images_per_second"] > 0
+  assert rates["input_pipeline_cached_images_per_second"] is None
 
 
 def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline():

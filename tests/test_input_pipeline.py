@@ -2,12 +2,17 @@
 
 import io
 import logging
+import os
+import pathlib
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ROOT
 from PIL import Image
 
 from configs import default
@@ -26,7 +31,6 @@ def data_config(**overrides):
       source="synthetic_faces",
       resolution=RESOLUTION,
       num_examples=100,
-      shuffle_buffer=100,
       min_image_size=8,
     )
   )
@@ -101,7 +105,7 @@ def test_the_order_is_pinned_across_runs():
   assert batch["label"].tolist() == PINNED_FIRST_LABELS
 
 
-PINNED_FIRST_LABELS = [982, 676, 470, 306, 270, 482, 336, 628]
+PINNED_FIRST_LABELS = [756, 270, 943, 905, 724, 133, 137, 168]
 
 
 @pytest.mark.parametrize("global_seed", [0, 123])
@@ -387,11 +391,77 @@ def test_a_folder_with_every_kind_of_bad_file_trains_on_the_good_ones(tmp_path, 
   assert f"skipped 6 of {total} files in {tmp_path}: 2 truncated, 2 too small" in summaries[0]
 
 
-def test_a_file_that_breaks_after_indexing_is_dropped_not_fatal(tmp_path, caplog):
+def break_after_indexing(path):
+  """Zeroes a file, keeping its size and time, so the folder's index still counts it good."""
+  stat = os.stat(path)
+  with open(path, "r+b") as f:
+    f.write(bytes(stat.st_size))
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_file_that_breaks_after_indexing_stands_in_for_by_another_of_its_batch(tmp_path, caplog):
   write_good_images(tmp_path, count=6)
   config = data_config(source="image_folder", path=str(tmp_path), cache=False, random_flip=False)
+  intact = take(input_pipeline.create_dataset(config, batch_size=2, seed=0), 9)  # 3 epochs
+  broken = to_uint8(intact[0]["image"][0])  # whichever image comes first breaks
+  (path,) = [
+    p
+    for p in image_folder.find_images(str(tmp_path))
+    if np.array_equal(image_folder.decode(pathlib.Path(p).read_bytes(), RESOLUTION), broken)
+  ]
+  break_after_indexing(path)
   with caplog.at_level(logging.WARNING):
-    batches = input_pipeline.create_dataset(config, batch_size=2, seed=0)
-    (tmp_path / "set0" / "00.png").write_bytes(b"")  # after the index; read again each epoch
-    assert all(next(batches)["image"].shape == (2, RESOLUTION, RESOLUTION, 3) for _ in range(9))
-  assert any("00.png: it no longer decodes" in r.getMessage() for r in caplog.records)
+    batches = take(input_pipeline.create_dataset(config, batch_size=2, seed=0), 9)
+  stand_ins = 0
+  for before, after in zip(intact, batches, strict=True):
+    for row, image in enumerate(to_uint8(before["image"])):
+      if np.array_equal(image, broken):
+        np.testing.assert_array_equal(after["image"][row], after["image"][1 - row])
+        stand_ins += 1
+      else:
+        np.testing.assert_array_equal(after["image"][row], before["image"][row])
+  assert stand_ins == 3  # once per epoch
+  assert any(f"{path} no longer decodes" in r.getMessage() for r in caplog.records)
+
+
+def test_a_batch_of_which_nothing_decodes_any_more_is_a_clear_error(tmp_path):
+  write_good_images(tmp_path, count=4)
+  config = data_config(source="image_folder", path=str(tmp_path), cache=False)
+  next(input_pipeline.create_dataset(config, batch_size=2, seed=0))
+  for path in image_folder.find_images(str(tmp_path)):
+    break_after_indexing(path)
+  with pytest.raises(UserError, match="^none of the 2 images of a batch decodes any more: the"):
+    next(input_pipeline.create_dataset(config, batch_size=2, seed=0))
+
+
+# --- lifetime -------------------------------------------------------------------------------
+
+_ONE_BATCH_THEN_EXIT = """
+from configs import default
+from gan import input_pipeline
+config = default.get_config("smoke").data
+config.update(dict(resolution=128, num_examples=4096))  # slow batches: some still loading
+batches = input_pipeline.create_dataset(config, batch_size=256, seed=0)
+next(batches)
+print("exiting")
+"""
+
+
+def test_a_process_exits_while_its_pipeline_is_still_loading_batches():
+  # Left to the interpreter's shutdown, the pipeline's loader would wait for the GIL forever.
+  # Without the fix this hung in 4 tries out of 4 here.
+  result = subprocess.run(
+    [sys.executable, "-c", _ONE_BATCH_THEN_EXIT],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 0 and result.stdout == "exiting\n", result.stderr[-2000:]
+
+
+def test_closed_batches_end():
+  batches = input_pipeline.create_dataset(data_config(), batch_size=8, seed=0)
+  next(batches)
+  batches.close()
+  assert list(batches) == []

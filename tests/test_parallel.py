@@ -91,7 +91,6 @@ _TINY = [
   "--config=configs/dense.py:smoke",
   "--config.train.batch_size=8",
   "--config.data.num_examples=128",
-  "--config.data.shuffle_buffer=128",
   "--config.model.g_widths=(32,)",
   "--config.model.d_widths=(32,)",
   "--config.train.log_every=2",

@@ -217,37 +217,41 @@ def prepare(manual_dir: str, data_dir: str) -> AnimeFaces:
   return builder
 
 
-# Image sizes per prepared dataset dir, so num_examples and create_dataset share one pass.
-_sizes: dict[str, np.ndarray] = {}
+# The stored images per prepared dataset dir, read once per process: num_examples and
+# create_dataset share them, and training reads them by position.
+_stored: dict[str, tuple[list[str], list[bytes], np.ndarray]] = {}
 _logged: set[str] = set()
 
 
-def encoded_images(builder: AnimeFaces, min_image_size: int) -> tuple[tf.data.Dataset, int]:
-  """The stored JPEGs at least `min_image_size` on both sides, in a fixed order.
-
-  Returns:
-    A dataset of {'image': JPEG bytes, 'file_name': str} and how many elements it has.
-  """
-  read_config = tfds.ReadConfig(try_autocache=False)
-  examples = builder.as_dataset(
-    split="train",
-    shuffle_files=False,
-    decoders={"image": tfds.decode.SkipDecoding()},
-    read_config=read_config,
-  )
+def stored_images(builder: AnimeFaces, min_image_size: int) -> tuple[list[str], list[bytes]]:
+  """The file names and JPEG bytes of the stored images at least `min_image_size` on both
+  sides, in a fixed order."""
   key = os.fspath(builder.data_dir)
-  if key not in _sizes:
-    shapes = examples.map(
-      lambda example: tf.image.extract_jpeg_shape(example["image"])[:2],
+  if key not in _stored:
+    examples = builder.as_dataset(
+      split="train",
+      shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False),
+    )
+    examples = examples.map(
+      lambda example: {**example, "size": tf.image.extract_jpeg_shape(example["image"])[:2]},
       num_parallel_calls=tf.data.AUTOTUNE,
-    ).batch(4096)
-    _sizes[key] = np.concatenate(list(shapes.as_numpy_iterator()) or [np.zeros((0, 2), np.int32)])
-  keep = (_sizes[key] >= min_image_size).all(axis=1)
+    )
+    names, contents, sizes = [], [], [np.zeros((0, 2), np.int32)]
+    for chunk in examples.batch(4096).as_numpy_iterator():
+      names.extend(name.decode() for name in chunk["file_name"])
+      contents.extend(chunk["image"])
+      sizes.append(chunk["size"])
+    _stored[key] = names, contents, np.concatenate(sizes)
+  names, contents, sizes = _stored[key]
+  keep = (sizes >= min_image_size).all(axis=1)
   num_small = int((~keep).sum())
   message = image_folder.skip_summary(collections.Counter({"too small": num_small}), len(keep), key)
   if num_small and message not in _logged:
     _logged.add(message)
     logging.warning("anime_faces: %s", message)
-  keep = tf.constant(keep)
-  examples = examples.enumerate().filter(lambda i, _: keep[i]).map(lambda _, example: example)
-  return examples, int(keep.numpy().sum())
+  if not num_small:
+    return names, contents
+  positions = np.flatnonzero(keep)
+  return [names[i] for i in positions], [contents[i] for i in positions]
