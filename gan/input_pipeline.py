@@ -21,10 +21,11 @@ right epoch and position without touching the earlier ones.
 
 import atexit
 import contextlib
+import os
 import re
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -46,7 +47,7 @@ Loader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def num_examples(data_config) -> int:
   """How many examples one epoch has: the source's size after skipping bad files."""
-  _, size = _source(data_config)
+  _, size, _ = _source(data_config)
   return size
 
 
@@ -71,14 +72,14 @@ def create_dataset(
   Raises:
     UserError: for a bad data config, missing or unreadable data, or a batch larger than it.
   """
-  load, size = _source(data_config)
+  load, size, identity = _source(data_config)
   if batch_size > size:
     raise UserError(
       f"batch size {batch_size} is larger than the {size:,} images of data.source "
       f"{data_config.source}: lower --config.train.batch_size or use more images"
     )
   if data_config.cache:
-    load = _Cache(load, size).load
+    load = _cache(load, size, identity).load
   resolution = int(data_config.resolution)
   random_flip = bool(data_config.random_flip)
 
@@ -167,6 +168,20 @@ def _whole_batch(load: Loader, positions: np.ndarray) -> tuple[np.ndarray, np.nd
   return images, labels
 
 
+_last_cache: tuple[Hashable, "_Cache"] | None = None
+_last_cache_lock = threading.Lock()
+
+
+def _cache(load: Loader, size: int, identity: Hashable) -> "_Cache":
+  """The cache of the source last cached, if it is this one, else a new one in its place: the
+  pipelines that a run rebuilds (after a rollback, for evaluation) decode nothing twice."""
+  global _last_cache
+  with _last_cache_lock:
+    if _last_cache is None or _last_cache[0] != identity:
+      _last_cache = identity, _Cache(load, size)
+    return _last_cache[1]
+
+
 class _Cache:
   """Keeps what a loader decoded, so each position is decoded at most once. Threads may load
   batches at the same time: at worst two decode the same position and store the same image."""
@@ -193,8 +208,9 @@ class _Cache:
     return self._images[positions], self._labels[positions], decoded
 
 
-def _source(data_config) -> tuple[Loader, int]:
-  """The source's loader by position and its size (after skipping bad files)."""
+def _source(data_config) -> tuple[Loader, int, Hashable]:
+  """The source's loader by position, its size (after skipping bad files), and what identifies
+  the images at its positions."""
   source = data_config.source
   resolution = int(data_config.resolution)
   if resolution < 1:
@@ -208,17 +224,19 @@ def _source(data_config) -> tuple[Loader, int]:
       images, labels = synthetic_faces.render_indices(positions, resolution, seed)
       return images, labels, np.ones(len(positions), bool)
 
-    return render, num
+    return render, num, (source, num, resolution, seed)
   if source == "image_folder":
     index = image_folder.index_folder(data_config.path, int(data_config.min_image_size))
-    return _file_loader(index.paths, None, resolution), len(index.paths)
+    return _file_loader(index.paths, None, resolution), len(index.paths), (resolution, index.paths)
   if source == "anime_faces":
     # Imported here: TFDS takes seconds to import and only this source needs it.
     from gan.datasets import anime_faces
 
     builder = anime_faces.prepare(data_config.path, data_config.tfds_data_dir)
-    names, contents = anime_faces.stored_images(builder, int(data_config.min_image_size))
-    return _file_loader(names, contents, resolution), len(names)
+    min_image_size = int(data_config.min_image_size)
+    names, contents = anime_faces.stored_images(builder, min_image_size)
+    identity = (source, os.fspath(builder.data_dir), min_image_size, resolution)
+    return _file_loader(names, contents, resolution), len(names), identity
   raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
 
 

@@ -142,6 +142,26 @@ def test_caching_does_not_change_the_batches():
   assert_same_batches(cached, uncached)
 
 
+def test_a_rebuilt_pipeline_reuses_what_the_last_one_decoded(monkeypatch):
+  rendered = []
+  render_indices = synthetic_faces.render_indices
+
+  def render(indices, resolution, seed):
+    rendered.extend(indices)
+    return render_indices(indices, resolution, seed)
+
+  monkeypatch.setattr(input_pipeline.synthetic_faces, "render_indices", render)
+  config = data_config(num_examples=97)  # a size no other test caches
+  first = take(input_pipeline.create_dataset(config, batch_size=8, seed=0), 13)  # > 1 epoch
+  assert sorted(set(rendered)) == list(range(97))
+  rendered.clear()
+  again = take(input_pipeline.create_dataset(config, batch_size=8, seed=0, start_step=3), 10)
+  assert rendered == []
+  assert_same_batches(again, first[3:13])
+  take(input_pipeline.create_dataset(data_config(num_examples=98), batch_size=8, seed=0), 1)
+  assert rendered  # another source is decoded afresh
+
+
 # --- flips ----------------------------------------------------------------------------------
 
 
