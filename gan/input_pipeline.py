@@ -227,7 +227,11 @@ def _source(data_config) -> tuple[Loader, int, Hashable]:
     return render, num, (source, num, resolution, seed)
   if source == "image_folder":
     index = image_folder.index_folder(data_config.path, int(data_config.min_image_size))
-    return _file_loader(index.paths, None, resolution), len(index.paths), (resolution, index.paths)
+    return (
+      _file_loader(index.paths, None, resolution),
+      len(index.paths),
+      (source, resolution, index.paths),
+    )
   if source == "anime_faces":
     # Imported here: TFDS takes seconds to import and only this source needs it.
     from gan.datasets import anime_faces
@@ -244,8 +248,7 @@ def _file_loader(names: Sequence[str], contents: Sequence[bytes] | None, resolut
   """Decodes the files at the given positions: `contents[i]` if given, else the file names[i].
 
   One batch decodes in one thread; tf.data loads several batches at a time, and PIL releases the
-  GIL while it decodes. (A thread pool here would deadlock the interpreter's exit with a batch
-  in flight: the exit joins the pool's threads while the batch waits to hand them work.)
+  GIL while it decodes.
   """
 
   def decode(position):
