@@ -182,6 +182,13 @@ def _cache(load: Loader, size: int, identity: Hashable) -> "_Cache":
     return _last_cache[1]
 
 
+def forget_decoded() -> None:
+  """Drops the decoded images kept for the next pipeline, so that it decodes afresh."""
+  global _last_cache
+  with _last_cache_lock:
+    _last_cache = None
+
+
 class _Cache:
   """Keeps what a loader decoded, so each position is decoded at most once. Threads may load
   batches at the same time: at worst two decode the same position and store the same image."""
@@ -195,7 +202,6 @@ class _Cache:
     self._lock = threading.Lock()
 
   def load(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    decoded = np.ones(len(positions), bool)
     missing = np.unique(positions[~self._stored[positions]])
     if len(missing):
       images, labels, ok = self._load(missing)
@@ -204,8 +210,8 @@ class _Cache:
           self._images = np.empty((self._size, *images.shape[1:]), np.uint8)
       self._images[missing[ok]], self._labels[missing[ok]] = images[ok], labels[ok]
       self._stored[missing[ok]] = True
-      decoded = self._stored[positions]  # what no longer decodes stays out and is tried again
-    return self._images[positions], self._labels[positions], decoded
+    # What no longer decodes stays out of the cache, so it is tried again next time.
+    return self._images[positions], self._labels[positions], self._stored[positions]
 
 
 def _source(data_config) -> tuple[Loader, int, Hashable]:

@@ -162,6 +162,23 @@ def test_a_rebuilt_pipeline_reuses_what_the_last_one_decoded(monkeypatch):
   assert rendered  # another source is decoded afresh
 
 
+def test_forgotten_images_are_decoded_again(monkeypatch):
+  rendered = []
+  render_indices = synthetic_faces.render_indices
+
+  def render(indices, resolution, seed):
+    rendered.extend(indices)
+    return render_indices(indices, resolution, seed)
+
+  monkeypatch.setattr(input_pipeline.synthetic_faces, "render_indices", render)
+  config = data_config(num_examples=96)
+  take(input_pipeline.create_dataset(config, batch_size=8, seed=0), 13)  # every position
+  input_pipeline.forget_decoded()
+  rendered.clear()
+  take(input_pipeline.create_dataset(config, batch_size=8, seed=0), 1)
+  assert rendered
+
+
 # --- flips ----------------------------------------------------------------------------------
 
 
