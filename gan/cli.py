@@ -1,5 +1,6 @@
 """What every script shares: quiet libraries, GPUs hidden from TensorFlow, one-line user errors."""
 
+import contextlib
 import logging as std_logging
 import os
 import sys
@@ -58,6 +59,15 @@ def _unraisable(hook):
   return quieter
 
 
+def _last_word(message: str) -> None:
+  """Prints `message` as the last line on stderr, and sends what interpreter shutdown would print
+  after it (asyncio's and TensorStore's reports about a failed save's other writes, collected at
+  exit, from Python or straight from C++) to /dev/null: the user's one line stays the last."""
+  print(message, file=sys.stderr, flush=True)
+  with contextlib.suppress(OSError, ValueError):  # a stderr with no file descriptor: leave it
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag or config file reported in one line."""
   try:
@@ -90,7 +100,7 @@ def run(main) -> None:
       return main(argv)
     except UserError as e:
       logging.flush()
-      print(f"error: {e}", file=sys.stderr)
+      _last_word(f"error: {e}")
       sys.exit(2)
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -3,8 +3,11 @@
 import asyncio
 import gc
 import logging
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
 from gan import cli
 
@@ -41,3 +44,34 @@ def test_other_asyncio_errors_are_still_reported(asyncio_records):
   loop.close()
   (record,) = asyncio_records
   assert "callback failed" in record.getMessage()
+
+
+# A script whose main ends as `sys.argv[1]` says, after arranging for interpreter shutdown to
+# print to stderr from Python and from below it (as TensorStore's C++ does).
+_ENDING = """
+import atexit, os, sys
+from gan import cli
+from gan.errors import UserError
+
+def main(argv):
+  atexit.register(lambda: print("late report from Python", file=sys.stderr))
+  atexit.register(lambda: os.write(2, b"late report from C++\\\\n"))
+  if sys.argv[1] == "error":
+    raise UserError("the disk is full")
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("ending", ["error", "success"])
+def test_a_user_error_is_the_last_line_whatever_shutdown_prints(ending):
+  ran = subprocess.run(
+    [sys.executable, "-c", _ENDING, ending], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  if ending == "error":
+    assert ran.returncode == 2
+    assert ran.stderr.strip().splitlines()[-1] == "error: the disk is full", ran.stderr
+    assert "late report" not in ran.stderr
+  else:  # only an error's line silences what follows it
+    assert ran.returncode == 0, ran.stderr
+    assert "late report from Python" in ran.stderr and "late report from C++" in ran.stderr
