@@ -131,6 +131,63 @@ def test_upconv_computes_in_bfloat16_with_float32_parameters():
   assert layer(x).dtype == jnp.bfloat16
 
 
+def _bf16_pair(seed: int, rows: int, inputs: int, outputs: int):
+  """bfloat16 inputs [rows, inputs] and a float32 kernel [inputs, outputs]."""
+  kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+  x = jax.random.normal(kx, (rows, inputs)).astype(jnp.bfloat16)
+  return x, jax.random.normal(kk, (inputs, outputs)) / np.sqrt(inputs)
+
+
+def _f32(a):
+  return np.asarray(a, np.float32)
+
+
+def test_mixed_dot_is_the_bf16_product_and_its_gradients_are_accumulated_in_float32():
+  x, kernel = _bf16_pair(0, 64, 300, 40)
+  cotangent = jax.random.normal(jax.random.PRNGKey(2), (64, 40)).astype(jnp.bfloat16)
+  low = _f32(kernel.astype(jnp.bfloat16))
+  y, vjp = jax.vjp(layers.mixed_dot, x, kernel)
+  dx, dkernel = vjp(cotangent)
+
+  assert (y.dtype, dx.dtype, dkernel.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  np.testing.assert_allclose(_f32(y), _f32(x) @ low, rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(_f32(dx), _f32(cotangent) @ low.T, rtol=1e-2, atol=1e-2)
+  # The kernel gradient is float32 to float32 precision, not a bf16 product cast up (autodiff
+  # of jnp.dot(x, kernel.astype(bf16)) would round it to 8 bits: about 4e-3 relative error).
+  np.testing.assert_allclose(dkernel, _f32(x).T @ _f32(cotangent), rtol=2e-5, atol=2e-5)
+
+
+def test_linear_is_nnx_linear_in_float32_and_in_bfloat16_follows_it():
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 24))  # any leading axes, as nnx.Linear
+  for dtype in (None, jnp.bfloat16):
+    ours = layers.Linear(24, 7, dtype=dtype, rngs=nnx.Rngs(4))
+    theirs = nnx.Linear(24, 7, dtype=dtype, rngs=nnx.Rngs(4))
+    assert jax.tree.map(np.shape, nnx.state(ours)) == jax.tree.map(np.shape, nnx.state(theirs))
+    for a, b in zip(
+      jax.tree.leaves(nnx.state(ours)), jax.tree.leaves(nnx.state(theirs)), strict=True
+    ):
+      np.testing.assert_array_equal(a, b)
+    y, expected = ours(x), theirs(x)
+    assert y.dtype == expected.dtype and y.shape == (2, 5, 7)
+    if dtype is None:
+      np.testing.assert_array_equal(y, expected)
+    else:
+      np.testing.assert_allclose(_f32(y), _f32(expected), rtol=2e-2, atol=2e-2)
+
+
+def test_linear_in_bfloat16_trains_float32_weights():
+  layer = layers.Linear(24, 7, dtype=jnp.bfloat16, rngs=nnx.Rngs(5))
+  x = jax.random.normal(jax.random.PRNGKey(6), (16, 24))
+
+  def loss(layer):
+    return jnp.mean(layer(x).astype(jnp.float32) ** 2)
+
+  grads = nnx.grad(loss)(layer)
+  assert grads.kernel[...].dtype == jnp.float32 and grads.bias[...].dtype == jnp.float32
+  reference = nnx.grad(loss)(nnx.Linear(24, 7, rngs=nnx.Rngs(5)))  # float32 throughout
+  np.testing.assert_allclose(grads.kernel[...], reference.kernel[...], rtol=5e-2, atol=5e-3)
+
+
 def test_unknown_activation_is_a_user_error():
   with pytest.raises(UserError, match="model.activation"):
     layers.get_activation("tanh-ish")

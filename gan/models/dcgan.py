@@ -47,7 +47,7 @@ class Generator(nnx.Module):
     width = base_width * resolution // 8
     self.start_width = width
     self.dtype = dtype
-    self.project = nnx.Linear(
+    self.project = layers.Linear(
       latent_dim,
       4 * 4 * width,
       use_bias=False,
