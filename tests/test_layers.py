@@ -101,6 +101,64 @@ def test_strided_convolution_equals_lax_in_value_and_gradient(shape):
   )
 
 
+@settings(max_examples=10, deadline=None)
+@given(_shapes)
+@example((0, 1, 1, 1, 1, 1))
+@example((1, 2, 3, 8, 5, 3))
+def test_both_k4s2_functions_by_dots_equal_lax_in_value_and_gradient(shape):
+  seed, batch, height, width, c_in, c_out = shape
+  x, kernel = _random_pair(seed, batch, 2 * height, 2 * width, c_in, c_out)
+  _assert_same_values_and_gradients(
+    layers.conv_k4s2_by_dots, _strided_reference, x, kernel, (batch, height, width, c_out)
+  )
+  x, kernel = _random_pair(seed + 1, batch, height, width, c_in, c_out)
+  _assert_same_values_and_gradients(
+    layers.conv_transpose_k4s2_by_dots, _reference, x, kernel, (batch, 2 * height, 2 * width, c_out)
+  )
+
+
+@pytest.mark.parametrize("upsampling", [False, True])
+def test_k4s2_by_dots_computes_bfloat16_and_accumulates_the_kernel_gradient_in_float32(upsampling):
+  ours, reference = (
+    (layers.conv_transpose_k4s2_by_dots, _reference)
+    if upsampling
+    else (layers.conv_k4s2_by_dots, _strided_reference)
+  )
+  x, kernel = _random_pair(5, 2, 6, 4, 8, 6)
+  x = x.astype(jnp.bfloat16)
+  y, vjp = jax.vjp(ours, x, kernel)
+  cotangent = np.random.default_rng(8).standard_normal(y.shape, np.float32).astype(jnp.bfloat16)
+  dx, dkernel = vjp(cotangent)
+  assert (y.dtype, dx.dtype, dkernel.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+
+  # lax in float32 on the same bf16-rounded numbers: products exact, sums in float32.
+  low = _f32(kernel.astype(jnp.bfloat16))
+  expected, reference_vjp = jax.vjp(reference, _f32(x), low)
+  expected_dx, expected_dkernel = reference_vjp(_f32(cotangent))
+  np.testing.assert_allclose(_f32(y), expected, rtol=1e-2, atol=2e-2)
+  np.testing.assert_allclose(_f32(dx), expected_dx, rtol=1e-2, atol=2e-2)
+  # Not rounded to bf16 on the way (that would be about 4e-3 relative).
+  np.testing.assert_allclose(dkernel, expected_dkernel, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [layers.UpConv, layers.DownConv])
+def test_k4s2_layers_in_bfloat16_compute_by_dots_and_follow_float32(layer, monkeypatch):
+  x, _ = _random_pair(9, 2, 8, 8, 3, 5)
+  wide = layer(3, 5, rngs=nnx.Rngs(0))
+  narrow = layer(3, 5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(_f32(narrow(x)), wide(x), rtol=5e-2, atol=5e-2)
+  calls, by_dots = [], layer.by_dots
+
+  def spy(x, kernel):
+    calls.append((x.dtype, kernel.dtype))
+    return by_dots(x, kernel)
+
+  monkeypatch.setattr(layer, "by_dots", staticmethod(spy))
+  narrow(x)
+  wide(x)
+  assert calls == [(jnp.bfloat16, jnp.float32)]  # the bf16 layer only, with the float32 kernel
+
+
 def test_strided_convolution_refuses_odd_sizes():
   x, kernel = _random_pair(0, 1, 5, 4, 2, 3)
   with pytest.raises(ValueError, match="even"):
