@@ -1,6 +1,7 @@
 """The k4-s2 layers with written-out gradients against lax's convolutions, values and gradients."""
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -157,6 +158,9 @@ def test_k4s2_layers_in_bfloat16_compute_by_dots_and_follow_float32(layer, monke
   narrow(x)
   wide(x)
   assert calls == [(jnp.bfloat16, jnp.float32)]  # the bf16 layer only, with the float32 kernel
+  # Not on a GPU, which keeps its native bf16 convolutions (the trace only asks the backend).
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert narrow(x).dtype == jnp.bfloat16 and len(calls) == 1
 
 
 def test_strided_convolution_refuses_odd_sizes():
@@ -227,6 +231,9 @@ def test_linear_is_nnx_linear_in_float32_and_in_bfloat16_follows_it():
       np.testing.assert_array_equal(a, b)
     y, expected = ours(x), theirs(x)
     assert y.dtype == expected.dtype and y.shape == (2, 5, 7)
+    if dtype is not None:  # mixed_dot on the CPU only: elsewhere it is nnx.Linear itself
+      with mock.patch.object(jax, "default_backend", return_value="gpu"):
+        np.testing.assert_array_equal(ours(x), expected)
     if dtype is None:
       np.testing.assert_array_equal(y, expected)
     else:

@@ -6,6 +6,11 @@ gradient of `lax.conv_transpose` is one to two orders of magnitude slower than i
 `DownConv` is the discriminator's k4-s2 convolution, whose input gradient is such a transposed
 convolution, computed here in the phase form too. Both write their gradients out (custom VJPs)
 in terms of fast forward convolutions. See README.md for the timings.
+
+For bfloat16 compute with float32 parameters the same functions run as dots (`*_by_dots`,
+`mixed_dot` for `Linear`): XLA:CPU's bf16 convolutions are no faster than its float32 ones,
+but its bf16 dots that accumulate in float32 are, and the kernels' gradients are accumulated
+and returned in float32.
 """
 
 import math
@@ -220,13 +225,21 @@ def _mixed_dot_backward(residuals, cotangent):
 mixed_dot.defvjp(_mixed_dot_forward, _mixed_dot_backward)
 
 
+def _low_precision_by_dots(compute_dtype, kernel: jax.Array) -> bool:
+  """Whether a layer computing in `compute_dtype` from `kernel` takes the dot forms: for a
+  narrower compute dtype on XLA:CPU, where they were measured faster. Elsewhere (GPUs) the
+  layers keep the native low-precision convolutions and dots that were measured there."""
+  narrower = jnp.dtype(compute_dtype).itemsize < kernel.dtype.itemsize
+  return narrower and jax.default_backend() == "cpu"
+
+
 class Linear(nnx.Linear):
   """`nnx.Linear` (the same parameters, names and initialisation) that computes in a narrower
-  dtype than its parameters by `mixed_dot`; with the parameters' own dtype it is nnx.Linear."""
+  dtype than its parameters by `mixed_dot` on the CPU; otherwise it is nnx.Linear."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
-    if self.dtype is None or jnp.dtype(self.dtype) == kernel.dtype:
+    if self.dtype is None or not _low_precision_by_dots(self.dtype, kernel):
       return super().__call__(x)
     flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
     y = mixed_dot(flat, kernel).reshape(*x.shape[:-1], kernel.shape[-1])
@@ -366,7 +379,7 @@ class _ConvK4S2(nnx.Module):
   """A k4-s2 layer's kernel [4, 4, C_in, C_out] and optional bias; subclasses pick the function."""
 
   # (x, kernel) -> y, set by subclasses: `function` computes in one dtype; `by_dots` in x's
-  # dtype from a wider kernel, used when the layer computes in a narrower dtype than its kernel.
+  # dtype from a wider kernel, used on the CPU when the layer computes narrower than its kernel.
   function: Callable[[jax.Array, jax.Array], jax.Array]
   by_dots: Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -394,7 +407,7 @@ class _ConvK4S2(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
     dtype = jnp.dtype(self.dtype or jnp.result_type(x, kernel))
-    if dtype.itemsize < kernel.dtype.itemsize:
+    if _low_precision_by_dots(dtype, kernel):
       y = self.by_dots(x.astype(dtype), kernel)
     else:
       y = self.function(x.astype(dtype), kernel.astype(dtype))
