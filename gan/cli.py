@@ -9,8 +9,11 @@ from absl import app, flags, logging
 
 from gan.errors import UserError
 
-# TensorFlow's C++ start-up chatter; set before any module imports TensorFlow.
+# TensorFlow's C++ start-up chatter; set before any module imports TensorFlow. Its oneDNN
+# kernels are for TensorFlow's own math, which the scripts do not use (tf.data decodes images),
+# and turning them off also stops the banner announcing them, which no log level silences.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 class _Quieter(std_logging.Filter):

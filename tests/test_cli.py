@@ -75,3 +75,4 @@ def test_a_user_error_is_the_last_line_whatever_shutdown_prints(ending):
   else:  # only an error's line silences what follows it
     assert ran.returncode == 0, ran.stderr
     assert "late report from Python" in ran.stderr and "late report from C++" in ran.stderr
+  assert "oneDNN" not in ran.stderr  # TensorFlow's start-up banner (cli.run imports it)
