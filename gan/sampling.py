@@ -98,6 +98,26 @@ def nearest_neighbours(samples: jax.Array, candidates: jax.Array, k: int) -> np.
   return np.asarray(_nearest(jnp.asarray(samples), jnp.asarray(candidates), k))
 
 
+def nearest_images(samples: jax.Array, images: np.ndarray, k: int, *, mirrored: bool) -> np.ndarray:
+  """[N, k, ...]: each sample's k nearest of `images` (distinct ones, nearest first).
+
+  With `mirrored` (a run trained on random flips) each image also counts in its mirrored form,
+  and is shown in whichever of its two forms is nearer: a mirrored copy is still a copy.
+  """
+  if k > images.shape[0]:
+    raise ValueError(f"asked for {k} neighbours among {images.shape[0]} candidates")
+  candidates = np.concatenate([images, images[:, :, ::-1]]) if mirrored else images
+  # Each image can fill two of the nearest places, so 2k of them hold k distinct images.
+  order = nearest_neighbours(samples, candidates, min(2 * k, candidates.shape[0]))
+  picked = []
+  for row in order:
+    nearer_form = {}  # image -> its nearer form's candidate index, nearest image first
+    for index in row:
+      nearer_form.setdefault(int(index) % images.shape[0], int(index))
+    picked.append(list(nearer_form.values())[:k])
+  return candidates[np.asarray(picked)]
+
+
 @jax.jit(static_argnames="k")
 def _nearest(samples: jax.Array, candidates: jax.Array, k: int) -> jax.Array:
   a = samples.reshape(samples.shape[0], -1).astype(jnp.float32)

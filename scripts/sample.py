@@ -9,7 +9,8 @@ The default writes one grid PNG of --num samples. --single writes one PNG per sa
 folder --out. --interpolate writes rows of 8-step spherical interpolations between random noise
 vectors (ceil(--num / 8) rows) as a PNG strip, and the same as an animated GIF beside it.
 --nearest writes each sample followed by its --k nearest training images (pixel L2 among
---nearest_pool of them): a generator that memorised its data shows copies.
+--nearest_pool of them, as stored; for a run trained on random flips each also in its mirrored
+form, shown in the nearer one): a generator that memorised its data shows copies.
 """
 
 import math
@@ -74,8 +75,11 @@ def _generate(nets, state, z: np.ndarray) -> np.ndarray:
 
 
 def _training_images(config, pool: int) -> np.ndarray:
-  size = min(pool, input_pipeline.num_examples(config.data))
-  batches = input_pipeline.create_dataset(config.data, batch_size=size, seed=config.train.seed)
+  """`pool` training images as stored (not flipped), drawn as training draws them."""
+  data = config.data.copy_and_resolve_references()
+  data.random_flip = False
+  size = min(pool, input_pipeline.num_examples(data))
+  batches = input_pipeline.create_dataset(data, batch_size=size, seed=config.train.seed)
   return next(iter(batches))["image"]
 
 
@@ -112,10 +116,9 @@ def main(argv):
     pool = _training_images(config, _NEAREST_POOL.value)
     if pool.shape[0] < _K.value:
       raise UserError(f"--k={_K.value} is more than the {pool.shape[0]} training images")
-    neighbours = sampling.nearest_neighbours(images, pool, _K.value)
+    nearest = sampling.nearest_images(images, pool, _K.value, mirrored=config.data.random_flip)
     rows = [
-      np.concatenate([image[None], pool[index]])
-      for image, index in zip(images, neighbours, strict=True)
+      np.concatenate([image[None], found]) for image, found in zip(images, nearest, strict=True)
     ]
     sampling.save_png(out, sampling.make_grid(np.concatenate(rows), cols=1 + _K.value))
     print(

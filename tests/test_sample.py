@@ -151,6 +151,28 @@ def test_nearest_neighbour_of_a_candidate_is_itself():
   )
 
 
+def test_nearest_images_find_mirrored_copies_in_their_mirrored_form_and_each_image_once():
+  rng = np.random.default_rng(2)
+  images = rng.uniform(-1, 1, (12, 6, 6, 3)).astype(np.float32)
+  images[5] = images[5, :, ::-1] * 0.999  # all but symmetric: both forms of it are near a copy
+  copies = np.stack([images[3, :, ::-1], images[5]])  # a mirrored copy, a (near) symmetric one
+
+  found = sampling.nearest_images(copies, images, 3, mirrored=True)
+  assert found.shape == (2, 3, 6, 6, 3)
+  np.testing.assert_array_equal(found[0, 0], images[3, :, ::-1])  # shown as it was copied
+  np.testing.assert_array_equal(found[1, 0], images[5])
+  for row in found:  # three different training images, not one image in both forms
+    originals = {
+      i for f in row for i in range(12) if (f == images[i]).all() or (f == images[i, :, ::-1]).all()
+    }
+    assert len(originals) == 3
+
+  # Without flips in training only the images as stored count, nearest first.
+  plain = sampling.nearest_images(copies, images, 2, mirrored=False)
+  distances = ((copies[:, None] - images[None]) ** 2).sum(axis=(2, 3, 4))
+  np.testing.assert_array_equal(plain, images[np.argsort(distances, axis=1)[:, :2]])
+
+
 def test_save_gif_round_trips_frames(tmp_path):
   frames = np.stack([np.full((6, 6, 3), 40 * i, np.uint8) for i in range(4)])
   path = str(tmp_path / "a.gif")
