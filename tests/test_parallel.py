@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_script
 
-from gan import checkpointing, parallel, train
+from gan import checkpointing, collapse, parallel, train
 from gan.errors import UserError
 
 # Runs in a fresh Python that sees 8 CPU devices; prints one JSON line of results.
@@ -100,7 +100,7 @@ _TINY = [
 ]
 
 
-def _two_processes(workdir: str, num_steps: int) -> list[subprocess.CompletedProcess]:
+def _two_processes(workdir: str, num_steps: int, *flags: str) -> list[subprocess.CompletedProcess]:
   """Trains as 2 processes of 2 CPU devices each, coordinated over localhost."""
   port = _free_port()
   script = os.path.join(ROOT, "scripts", "train.py")
@@ -112,6 +112,7 @@ def _two_processes(workdir: str, num_steps: int) -> list[subprocess.CompletedPro
         *_TINY,
         f"--workdir={workdir}",
         f"--config.train.num_steps={num_steps}",
+        *flags,
         f"--coordinator_address=localhost:{port}",
         "--num_processes=2",
         f"--process_id={i}",
@@ -153,6 +154,41 @@ def test_two_processes_train_as_one_write_one_set_of_logs_and_resume(tmp_path):
   )
   assert single.returncode == 0, single.stderr[-3000:]
   assert _gap(str(tmp_path / "one"), workdir) < 1e-4
+
+
+# Only a non-finite value is out of bounds, from step 0 (as in test_collapse).
+_JUDGE_ONLY_NON_FINITE = [
+  "--config.collapse.warmup_steps=0",
+  "--config.collapse.max_ms_ssim_gap=1.0",
+  "--config.collapse.max_duplicate_rate=1.0",
+  "--config.collapse.min_mode_coverage=0.0",
+]
+
+
+def test_two_processes_roll_back_together(tmp_path):
+  workdir = str(tmp_path / "two")
+  for process in _two_processes(workdir, 4, *_JUDGE_ONLY_NON_FINITE):
+    assert process.returncode == 0, process.stderr[-3000:]
+  # A checkpoint at step 5 whose learning rates make the next step non-finite (as in
+  # test_collapse), written here on one device: checkpoints move between device counts.
+  config, _, _ = train.load_run(workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  _, template = train.create_train_state(config)
+  state = ckpt.restore(4, template).replace(step=jax.numpy.int32(5))
+  suspect = {checkpointing.VERDICT: collapse.VERDICTS.index("suspect")}
+  ckpt.save(5, train.with_hyperparams(state, learning_rate=(1e30, 1e30)), suspect)
+  ckpt.wait()
+  ckpt.close()
+
+  first, second = _two_processes(workdir, 8, *_JUDGE_ONLY_NON_FINITE)
+  assert first.returncode == second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
+  with open(os.path.join(workdir, collapse.ROLLBACKS_FILE)) as f:
+    (event,) = [json.loads(line) for line in f]  # one rollback, written once for both
+  assert (event["from_step"], event["to_step"]) == (6, 4) and "non-finite" in event["reason"]
+  _, _, final = train.load_run(workdir)
+  assert int(final.step) == 8
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final))
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()[-1] == 8
 
 
 def _gap(workdir_a: str, workdir_b: str) -> float:
