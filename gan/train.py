@@ -312,6 +312,50 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     f.write("\n")
 
 
+# Adam settings a resumed run takes from a changed config: they live in the optimiser states,
+# which a checkpoint restores (with whatever a rollback's remedy made of them).
+_RESUMABLE = ("g_lr", "d_lr", "b1", "b2")
+
+
+def _changed_settings(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """The `_RESUMABLE` train settings that `config` changes from the run's config.json:
+  name -> (saved, new). Empty for a new run or an unchanged config."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    saved = json.load(f).get("train", {})
+  changed = {}
+  for name in _RESUMABLE:
+    old, new = saved.get(name), float(config.train[name])
+    if isinstance(old, int | float) and float(old) != new:
+      changed[name] = (float(old), new)
+  return changed
+
+
+def _apply_changed_settings(state: TrainState, changed: dict[str, tuple]) -> TrainState:
+  """A restored state with the settings a changed config asks for: each learning rate scaled by
+  new / saved (so a rollback's reduction stays), b1 and b2 set."""
+  if not changed:
+    return state
+  g_lr, d_lr = (float(r) for r in parallel.to_host(learning_rates(state)))
+  values = {}
+  if "g_lr" in changed or "d_lr" in changed:
+    g_ratio = changed["g_lr"][1] / changed["g_lr"][0] if "g_lr" in changed else 1.0
+    d_ratio = changed["d_lr"][1] / changed["d_lr"][0] if "d_lr" in changed else 1.0
+    values["learning_rate"] = (g_lr * g_ratio, d_lr * d_ratio)
+  for name in ("b1", "b2"):
+    if name in changed:
+      values[name] = (changed[name][1],) * 2
+  described = ", ".join(f"train.{k} {old:g} -> {new:g}" for k, (old, new) in changed.items())
+  logging.info(
+    "The config changes %s since the last run: resuming with learning rates %s",
+    described,
+    " / ".join(f"{lr:.3g}" for lr in values.get("learning_rate", (g_lr, d_lr))),
+  )
+  return with_hyperparams(state, **values)
+
+
 def load_run(workdir: str, step: int | None = None):
   """The config, networks and state of a saved run, for sampling and evaluation.
 
@@ -565,6 +609,8 @@ def train_and_evaluate(
   batch_sharding = parallel.batch_sharding(mesh)
   compiling = _compile_ahead(step_fn, initial, config, batch_sharding)
   root_rng = parallel.to_host(initial.rng)  # the seed's key, the same on every process
+  changed = _changed_settings(workdir, config)
+  parallel.sync("config read")  # by every process, before the main one writes the new one
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     _write_config(workdir, config)
@@ -577,6 +623,8 @@ def train_and_evaluate(
   )
   state = _restore(ckpt, initial, config.restore_step)
   step = int(parallel.to_host(state.step))
+  if step:
+    state = _apply_changed_settings(state, changed)
   num_steps = config.train.num_steps
   streak = int((ckpt.metrics(step) or {}).get("health/streak", 0)) if step else 0
   rollbacks = collapse.count_rollbacks(workdir)

@@ -143,3 +143,32 @@ def test_training_reports_where_its_time_went(workdir):
   assert len(timings.evaluations) == 2 and len(timings.checkpoints) == 2
   assert all(seconds > 0 for seconds in timings.evaluations + timings.checkpoints)
   assert "3 more steps" in timings.summary()
+
+
+def test_a_resumed_run_takes_changed_adam_settings_from_its_config(workdir):
+  config = tiny_config("dense", train__num_steps=2)
+  train.train_and_evaluate(config, workdir)
+  g_lr, d_lr = config.train.g_lr, config.train.d_lr
+
+  resumed = tiny_config("dense", train__num_steps=4, train__g_lr=g_lr / 4, train__b1=0.3)
+  state = train.train_and_evaluate(resumed, workdir)
+  np.testing.assert_allclose([float(r) for r in train.learning_rates(state)], [g_lr / 4, d_lr])
+  assert float(state.g_opt_state.hyperparams["b1"]) == pytest.approx(0.3)
+  assert float(state.d_opt_state.hyperparams["b1"]) == pytest.approx(0.3)
+
+  # Resumed again with the same config: nothing more changes.
+  again = tiny_config("dense", train__num_steps=6, train__g_lr=g_lr / 4, train__b1=0.3)
+  state = train.train_and_evaluate(again, workdir)
+  np.testing.assert_allclose([float(r) for r in train.learning_rates(state)], [g_lr / 4, d_lr])
+
+
+def test_a_changed_learning_rate_keeps_a_rollbacks_reduction():
+  config = tiny_config("dense")
+  _, state = train.create_train_state(config)
+  g_lr, d_lr = config.train.g_lr, config.train.d_lr
+  rolled_back = train.with_hyperparams(state, learning_rate=(g_lr / 2, d_lr / 2))
+  changed = train._apply_changed_settings(rolled_back, {"d_lr": (d_lr, 3 * d_lr)})
+  np.testing.assert_allclose(
+    [float(r) for r in train.learning_rates(changed)], [g_lr / 2, 3 * d_lr / 2], rtol=1e-6
+  )
+  assert train._apply_changed_settings(rolled_back, {}) is rolled_back
