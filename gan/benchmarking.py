@@ -62,15 +62,17 @@ def flops_from_cost_analysis(analysis) -> float | None:
   return float(flops)
 
 
-def matmul_ceiling(repeats: int, sizes: Sequence[int] | None = None) -> float:
-  """The best FLOP/s of a jitted square float32 matmul over `sizes` (median of `repeats` each)."""
+def matmul_ceiling(repeats: int, sizes: Sequence[int] | None = None, dtype=jnp.float32) -> float:
+  """The best FLOP/s of a jitted square matmul over `sizes` (median of `repeats` each), with
+  operands in `dtype` and a float32 result (the fast form of a low-precision dot on XLA:CPU, as
+  the models use it)."""
   if sizes is None:
     on_cpu = jax.devices()[0].platform == "cpu"
     sizes = _CPU_MATMUL_SIZES if on_cpu else _ACCELERATOR_MATMUL_SIZES
-  matmul = jax.jit(jnp.matmul)
+  matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
   best = 0.0
   for n in sizes:
-    a, b = jax.random.normal(jax.random.PRNGKey(n), (2, n, n), jnp.float32)
+    a, b = jax.random.normal(jax.random.PRNGKey(n), (2, n, n), jnp.float32).astype(dtype)
     # A block does at least an eighth of the largest size's work, so dispatch does not count.
     calls = max(1, (sizes[-1] // n) ** 3 // 8)
     jax.block_until_ready(matmul(a, b))  # compiles
@@ -270,10 +272,12 @@ def run(
     "repeats": repeats,
     "steps": steps,
   }
-  ceiling = matmul_ceiling(repeats)
+  # The ceiling of the config's compute dtype: a bf16 step against bf16 matmuls.
+  ceiling = matmul_ceiling(repeats, dtype=jnp.dtype(config.model.dtype))
   report.update(time_train_step(config, repeats=repeats, steps=steps))
   achieved = report["achieved_flops_per_second"]
   report["matmul_ceiling_flops_per_second"] = ceiling
+  report["matmul_ceiling_dtype"] = jnp.dtype(config.model.dtype).name
   report["fraction_of_ceiling"] = achieved and achieved / ceiling
   report["input_pipeline_images_per_second"] = None
   report["input_pipeline_cached_images_per_second"] = None

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 from conftest import ROOT, run_script, tiny_config
 
@@ -51,6 +52,12 @@ def test_benchmark_prints_every_measurement_as_a_positive_finite_number(report):
   assert report["fraction_of_ceiling"] == pytest.approx(
     report["achieved_flops_per_second"] / report["matmul_ceiling_flops_per_second"]
   )
+
+
+def test_the_ceiling_is_of_the_configs_compute_dtype(report):
+  assert report["dtype"] == report["matmul_ceiling_dtype"] == "float32"
+  bf16 = benchmarking.matmul_ceiling(1, sizes=(64,), dtype=jnp.bfloat16)
+  assert math.isfinite(bf16) and bf16 > 0
 
 
 def test_benchmark_describes_the_device_and_the_config(report):
