@@ -338,22 +338,19 @@ def _apply_changed_settings(state: TrainState, changed: dict[str, tuple]) -> Tra
   new / saved (so a rollback's reduction stays), b1 and b2 set."""
   if not changed:
     return state
-  g_lr, d_lr = (float(r) for r in parallel.to_host(learning_rates(state)))
-  values = {}
-  if "g_lr" in changed or "d_lr" in changed:
-    g_ratio = changed["g_lr"][1] / changed["g_lr"][0] if "g_lr" in changed else 1.0
-    d_ratio = changed["d_lr"][1] / changed["d_lr"][0] if "d_lr" in changed else 1.0
-    values["learning_rate"] = (g_lr * g_ratio, d_lr * d_ratio)
-  for name in ("b1", "b2"):
-    if name in changed:
-      values[name] = (changed[name][1],) * 2
+  ratio = {name: new / old for name, (old, new) in changed.items()}
+  rates = tuple(
+    float(rate) * ratio.get(name, 1.0)
+    for rate, name in zip(parallel.to_host(learning_rates(state)), ("g_lr", "d_lr"), strict=True)
+  )
+  betas = {name: (changed[name][1],) * 2 for name in ("b1", "b2") if name in changed}
   described = ", ".join(f"train.{k} {old:g} -> {new:g}" for k, (old, new) in changed.items())
   logging.info(
-    "The config changes %s since the last run: resuming with learning rates %s",
+    "The config changes %s since the last run: resuming with learning rates %.3g / %.3g",
     described,
-    " / ".join(f"{lr:.3g}" for lr in values.get("learning_rate", (g_lr, d_lr))),
+    *rates,
   )
-  return with_hyperparams(state, **values)
+  return with_hyperparams(state, learning_rate=rates, **betas)
 
 
 def load_run(workdir: str, step: int | None = None):
