@@ -142,15 +142,21 @@ def test_caching_does_not_change_the_batches():
   assert_same_batches(cached, uncached)
 
 
-def test_a_rebuilt_pipeline_reuses_what_the_last_one_decoded(monkeypatch):
-  rendered = []
+@pytest.fixture
+def rendered(monkeypatch):
+  """The synthetic positions the pipeline renders (decodes), in order, as it renders them."""
+  positions = []
   render_indices = synthetic_faces.render_indices
 
   def render(indices, resolution, seed):
-    rendered.extend(indices)
+    positions.extend(indices)
     return render_indices(indices, resolution, seed)
 
   monkeypatch.setattr(input_pipeline.synthetic_faces, "render_indices", render)
+  return positions
+
+
+def test_a_rebuilt_pipeline_reuses_what_the_last_one_decoded(rendered):
   config = data_config(num_examples=97)  # a size no other test caches
   first = take(input_pipeline.create_dataset(config, batch_size=8, seed=0), 13)  # > 1 epoch
   assert sorted(set(rendered)) == list(range(97))
@@ -162,15 +168,7 @@ def test_a_rebuilt_pipeline_reuses_what_the_last_one_decoded(monkeypatch):
   assert rendered  # another source is decoded afresh
 
 
-def test_forgotten_images_are_decoded_again(monkeypatch):
-  rendered = []
-  render_indices = synthetic_faces.render_indices
-
-  def render(indices, resolution, seed):
-    rendered.extend(indices)
-    return render_indices(indices, resolution, seed)
-
-  monkeypatch.setattr(input_pipeline.synthetic_faces, "render_indices", render)
+def test_forgotten_images_are_decoded_again(rendered):
   config = data_config(num_examples=96)
   take(input_pipeline.create_dataset(config, batch_size=8, seed=0), 13)  # every position
   input_pipeline.forget_decoded()
