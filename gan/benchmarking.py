@@ -25,6 +25,7 @@ from flax import nnx
 
 from gan import input_pipeline, models, monitoring, parallel, train
 from gan.errors import UserError
+from gan.models import onednn
 
 # Square matmul sizes tried for the ceiling; accelerators need bigger ones to reach their peak.
 _CPU_MATMUL_SIZES = (512, 1024, 2048)
@@ -89,12 +90,13 @@ def count_flops(nets: train.Networks, config: ml_collections.ConfigDict, args) -
 
   Counted on the step lowered for the CPU, before any backend's optimisation: XLA:GPU counts
   nothing before compiling and, after, leaves out the convolutions and dots it hands to cuDNN
-  and cuBLAS. The count is of the whole global batch, whatever the mesh.
+  and cuBLAS. The count is of the whole global batch, whatever the mesh. The step is traced
+  with XLA's convolutions in place of oneDNN's, which XLA sees only as opaque custom calls.
   """
   specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
   step = jax.jit(functools.partial(train.train_step, nets, config.train))
   try:
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.devices("cpu")[0]), onednn.turned_off():
       return flops_from_cost_analysis(step.lower(*specs).cost_analysis())
   except (NotImplementedError, RuntimeError) as e:
     logging.warning("XLA gave no cost analysis of the train step: %s", e)
@@ -222,6 +224,14 @@ def time_input_pipeline(config: ml_collections.ConfigDict, *, batches: int) -> d
     input_pipeline.forget_decoded()
 
 
+def cpu_convolutions() -> str | None:
+  """What runs the k4-s2 layers' convolutions when this machine's default backend is the CPU:
+  'onednn', or 'xla' where oneDNN cannot be used."""
+  if jax.default_backend() != "cpu":
+    return None
+  return "onednn" if onednn.available() else "xla"
+
+
 def parameter_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """The generator's and discriminator's parameter counts, from shapes alone."""
   generator, discriminator = nnx.eval_shape(
@@ -271,6 +281,7 @@ def run(
     "discriminator_params": d_params,
     "repeats": repeats,
     "steps": steps,
+    "cpu_convolutions": cpu_convolutions(),
   }
   # The ceiling of the config's compute dtype: a bf16 step against bf16 matmuls.
   ceiling = matmul_ceiling(repeats, dtype=jnp.dtype(config.model.dtype))

@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 from conftest import ROOT, run_script, tiny_config
 
 from configs import dcgan, dense
-from gan import benchmarking
+from gan import benchmarking, parallel, train
 from gan.errors import UserError
+from gan.models import onednn
 
 # tiny_config("dcgan") as flags, with as few timed steps as give a median.
 TINY_DCGAN = [
@@ -64,9 +66,27 @@ def test_benchmark_describes_the_device_and_the_config(report):
   assert report["device"]["platform"] == "cpu" and report["device"]["count"] >= 1
   assert report["device"]["kind"]
   assert report["config"] == "configs/dcgan.py:smoke"
+  assert report["cpu_convolutions"] == benchmarking.cpu_convolutions()
   assert (report["model"], report["resolution"], report["batch_size"]) == ("dcgan", 32, 8)
   counts = benchmarking.parameter_counts(tiny_config("dcgan"))
   assert (report["generator_params"], report["discriminator_params"]) == counts
+
+
+def test_the_flop_count_includes_the_convolutions_that_onednn_runs():
+  config = tiny_config("dcgan")
+  if not onednn.usable(jnp.float32, jnp.zeros((4, 4, 1, 1))):
+    pytest.skip("oneDNN does not run the layers here")
+  nets, state = train.create_train_state(config, parallel.create_mesh(0))
+  size, resolution = config.train.batch_size, config.data.resolution
+  batch = {"image": jnp.zeros((size, resolution, resolution, 3)), "label": jnp.zeros(size, int)}
+  flops = benchmarking.count_flops(nets, config, (state, batch, jax.random.PRNGKey(0)))
+  # D's k4-s2 convolutions on one batch, forward only: 3 -> w, then doubling down to 4 x 4.
+  width, d_forward, side = config.model.base_width, 0, resolution
+  for c_in, c_out in zip((3, width, 2 * width), (width, 2 * width, 4 * width), strict=True):
+    side //= 2
+    d_forward += 2 * size * side * side * 16 * c_in * c_out
+  # A step runs them forward three times (real, fake, fake for G) and backward at least twice.
+  assert flops > 5 * d_forward
 
 
 def test_without_the_cache_the_pipeline_has_one_rate():

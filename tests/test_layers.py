@@ -1,6 +1,8 @@
 """The k4-s2 layers with written-out gradients against lax's convolutions, values and gradients."""
 
 import functools
+import logging
+import shutil
 from unittest import mock
 
 import jax
@@ -12,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gan.errors import UserError
-from gan.models import layers
+from gan.models import layers, onednn
 
 
 def _reference(x, kernel):
@@ -118,13 +120,23 @@ def test_both_k4s2_functions_by_dots_equal_lax_in_value_and_gradient(shape):
   )
 
 
+needs_compiler = pytest.mark.skipif(
+  shutil.which("g++") is None, reason="no g++ here to build the oneDNN layers"
+)
+_LOW_PRECISION_FORMS = {
+  "dots": (layers.conv_k4s2_by_dots, layers.conv_transpose_k4s2_by_dots),
+  "onednn": pytest.param(
+    (layers.conv_k4s2_onednn, layers.conv_transpose_k4s2_onednn), marks=needs_compiler
+  ),
+}
+
+
+@pytest.mark.parametrize("forms", _LOW_PRECISION_FORMS.values(), ids=_LOW_PRECISION_FORMS.keys())
 @pytest.mark.parametrize("upsampling", [False, True])
-def test_k4s2_by_dots_computes_bfloat16_and_accumulates_the_kernel_gradient_in_float32(upsampling):
-  ours, reference = (
-    (layers.conv_transpose_k4s2_by_dots, _reference)
-    if upsampling
-    else (layers.conv_k4s2_by_dots, _strided_reference)
-  )
+def test_k4s2_in_bfloat16_computes_bfloat16_and_accumulates_the_kernel_gradient_in_float32(
+  forms, upsampling
+):
+  ours, reference = (forms[1], _reference) if upsampling else (forms[0], _strided_reference)
   x, kernel = _random_pair(5, 2, 6, 4, 8, 6)
   x = x.astype(jnp.bfloat16)
   y, vjp = jax.vjp(ours, x, kernel)
@@ -143,7 +155,10 @@ def test_k4s2_by_dots_computes_bfloat16_and_accumulates_the_kernel_gradient_in_f
 
 
 @pytest.mark.parametrize("layer", [layers.UpConv, layers.DownConv])
-def test_k4s2_layers_in_bfloat16_compute_by_dots_and_follow_float32(layer, monkeypatch):
+def test_k4s2_layers_in_bfloat16_without_onednn_compute_by_dots_and_follow_float32(
+  layer, monkeypatch
+):
+  monkeypatch.setattr(onednn, "available", lambda: False)
   x, _ = _random_pair(9, 2, 8, 8, 3, 5)
   wide = layer(3, 5, rngs=nnx.Rngs(0))
   narrow = layer(3, 5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
@@ -161,6 +176,104 @@ def test_k4s2_layers_in_bfloat16_compute_by_dots_and_follow_float32(layer, monke
   # Not on a GPU, which keeps its native bf16 convolutions (the trace only asks the backend).
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert narrow(x).dtype == jnp.bfloat16 and len(calls) == 1
+
+
+@needs_compiler
+def test_onednn_builds_and_registers_where_a_compiler_is():
+  assert onednn.available()
+
+
+@needs_compiler
+@settings(max_examples=10, deadline=None)
+@given(_shapes)
+@example((0, 1, 1, 1, 1, 1))
+@example((1, 2, 3, 8, 5, 3))
+def test_both_k4s2_functions_by_onednn_equal_lax_in_value_and_gradient(shape):
+  seed, batch, height, width, c_in, c_out = shape
+  x, kernel = _random_pair(seed, batch, 2 * height, 2 * width, c_in, c_out)
+  _assert_same_values_and_gradients(
+    layers.conv_k4s2_onednn, _strided_reference, x, kernel, (batch, height, width, c_out)
+  )
+  x, kernel = _random_pair(seed + 1, batch, height, width, c_in, c_out)
+  _assert_same_values_and_gradients(
+    layers.conv_transpose_k4s2_onednn, _reference, x, kernel, (batch, 2 * height, 2 * width, c_out)
+  )
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_onednn_gives_the_same_bits_every_time(dtype):
+  # Big enough that oneDNN splits the work over threads (and blocks its channels).
+  x, kernel = _random_pair(4, 8, 16, 16, 32, 64)
+  x = jnp.asarray(x, dtype)
+  cotangent = jnp.asarray(np.random.default_rng(5).standard_normal((8, 8, 8, 64)), dtype)
+  step = jax.jit(lambda x, kernel: jax.vjp(layers.conv_k4s2_onednn, x, kernel)[1](cotangent))
+  first, second = step(x, kernel), step(x, kernel)
+  for a, b in zip(first, second, strict=True):
+    np.testing.assert_array_equal(_f32(a), _f32(b))
+
+
+@needs_compiler
+@pytest.mark.parametrize("layer", [layers.UpConv, layers.DownConv])
+def test_k4s2_layers_take_onednn_on_the_cpu_in_both_dtypes_and_not_on_a_gpu(layer, monkeypatch):
+  x, _ = _random_pair(9, 2, 8, 8, 3, 5)
+  wide = layer(3, 5, rngs=nnx.Rngs(0))
+  narrow = layer(3, 5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  calls, by_onednn = [], layer.by_onednn
+
+  def spy(x, kernel):
+    calls.append((x.dtype, kernel.dtype))
+    return by_onednn(x, kernel)
+
+  monkeypatch.setattr(layer, "by_onednn", staticmethod(spy))
+  np.testing.assert_allclose(_f32(narrow(x)), wide(x), rtol=5e-2, atol=5e-2)
+  assert calls == [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float32)]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert narrow(x).dtype == jnp.bfloat16 and wide(x).dtype == jnp.float32
+  assert len(calls) == 2
+
+
+@pytest.fixture
+def fresh_onednn():
+  """`onednn.available()` asked anew in the test, and again after it."""
+  onednn.available.cache_clear()
+  yield
+  onednn.available.cache_clear()
+
+
+def test_gan_onednn_0_keeps_xla_convolutions(fresh_onednn, monkeypatch):
+  monkeypatch.setenv("GAN_ONEDNN", "0")
+  monkeypatch.setattr(layers, "conv_k4s2_onednn", None)  # would fail if called
+  assert not onednn.available()
+  x, kernel = _random_pair(2, 2, 8, 8, 3, 5)
+  layer = layers.DownConv(3, 5, use_bias=False, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(
+    layer(x), _strided_reference(x, layer.kernel[...]), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_a_failed_build_warns_once_and_keeps_xla(fresh_onednn, monkeypatch, tmp_path, caplog):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  with caplog.at_level(logging.WARNING):
+    assert not onednn.available()
+    assert not onednn.usable(jnp.float32, jnp.zeros((4, 4, 1, 1)))
+  warnings = [r.getMessage() for r in caplog.records if "oneDNN" in r.getMessage()]
+  assert len(warnings) == 1 and "no C++ compiler" in warnings[0]
+
+
+@needs_compiler
+def test_the_build_is_compiled_once_and_reused(monkeypatch, tmp_path):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  built = onednn._build()
+  assert built.parent == tmp_path / "gan" and built.exists()
+
+  def no_compiling(*args, **kwargs):
+    raise AssertionError("compiled again")
+
+  monkeypatch.setattr(onednn.subprocess, "run", no_compiling)
+  assert onednn._build() == built
+  assert [p.name for p in (tmp_path / "gan").iterdir()] == [built.name]  # no scratch left
 
 
 def test_strided_convolution_refuses_odd_sizes():

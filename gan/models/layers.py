@@ -11,6 +11,10 @@ For bfloat16 compute with float32 parameters the same functions run as dots (`*_
 `mixed_dot` for `Linear`): XLA:CPU's bf16 convolutions are no faster than its float32 ones,
 but its bf16 dots that accumulate in float32 are, and the kernels' gradients are accumulated
 and returned in float32.
+
+On the CPU, where oneDNN can be built (`gan/models/onednn.py`), the k4-s2 layers run by oneDNN
+in float32 and bfloat16 (`*_onednn`) in place of both forms: its convolutions are 1.5-2x
+faster than XLA:CPU's here. The other forms remain for GPUs and for CPUs without oneDNN.
 """
 
 import math
@@ -22,6 +26,7 @@ from flax import nnx
 from jax import lax
 
 from gan.errors import UserError
+from gan.models import onednn
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -375,13 +380,66 @@ conv_transpose_k4s2_by_dots.defvjp(
 )
 
 
+# The k4-s2 layers by oneDNN (gan/models/onednn.py): on the CPU, for float32 and bfloat16, these
+# run in place of both forms above. The kernel goes to oneDNN in its own dtype (it converts), and
+# its gradient comes back in that dtype, accumulated in float32.
+
+
+@jax.custom_vjp
+def conv_k4s2_onednn(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_k4s2`'s function by oneDNN, computed in x's dtype."""
+  _check_even(x)
+  return onednn.forward(x, kernel)
+
+
+def _conv_onednn_forward(x, kernel):
+  _check_even(x)
+  return onednn.forward(x, kernel), (x, kernel)
+
+
+def _conv_onednn_backward(residuals, cotangent):
+  x, kernel = residuals
+  return (
+    onednn.backward_data(cotangent, kernel),
+    onednn.backward_kernel(x, cotangent, kernel.dtype),
+  )
+
+
+conv_k4s2_onednn.defvjp(_conv_onednn_forward, _conv_onednn_backward)
+
+
+@jax.custom_vjp
+def conv_transpose_k4s2_onednn(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_transpose_k4s2`'s function by oneDNN: the transpose of `conv_k4s2_onednn` with the
+  mirrored kernel, computed in x's dtype."""
+  return onednn.backward_data(x, _mirror(kernel))
+
+
+def _conv_transpose_onednn_forward(x, kernel):
+  mirrored = _mirror(kernel)
+  return onednn.backward_data(x, mirrored), (x, mirrored)
+
+
+def _conv_transpose_onednn_backward(residuals, cotangent):
+  x, mirrored = residuals
+  return (
+    onednn.forward(cotangent, mirrored),
+    _mirror(onednn.backward_kernel(cotangent, x, mirrored.dtype)),
+  )
+
+
+conv_transpose_k4s2_onednn.defvjp(_conv_transpose_onednn_forward, _conv_transpose_onednn_backward)
+
+
 class _ConvK4S2(nnx.Module):
   """A k4-s2 layer's kernel [4, 4, C_in, C_out] and optional bias; subclasses pick the function."""
 
   # (x, kernel) -> y, set by subclasses: `function` computes in one dtype; `by_dots` in x's
-  # dtype from a wider kernel, used on the CPU when the layer computes narrower than its kernel.
+  # dtype from a wider kernel, used on the CPU when the layer computes narrower than its kernel;
+  # `by_onednn` in x's dtype from any kernel, used on the CPU in place of both when it can.
   function: Callable[[jax.Array, jax.Array], jax.Array]
   by_dots: Callable[[jax.Array, jax.Array], jax.Array]
+  by_onednn: Callable[[jax.Array, jax.Array], jax.Array]
 
   def __init__(
     self,
@@ -407,7 +465,9 @@ class _ConvK4S2(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
     dtype = jnp.dtype(self.dtype or jnp.result_type(x, kernel))
-    if _low_precision_by_dots(dtype, kernel):
+    if onednn.usable(dtype, kernel):
+      y = self.by_onednn(x.astype(dtype), kernel)
+    elif _low_precision_by_dots(dtype, kernel):
       y = self.by_dots(x.astype(dtype), kernel)
     else:
       y = self.function(x.astype(dtype), kernel.astype(dtype))
@@ -424,6 +484,7 @@ class UpConv(_ConvK4S2):
 
   function = staticmethod(conv_transpose_k4s2)
   by_dots = staticmethod(conv_transpose_k4s2_by_dots)
+  by_onednn = staticmethod(conv_transpose_k4s2_onednn)
 
 
 class DownConv(_ConvK4S2):
@@ -432,3 +493,4 @@ class DownConv(_ConvK4S2):
 
   function = staticmethod(conv_k4s2)
   by_dots = staticmethod(conv_k4s2_by_dots)
+  by_onednn = staticmethod(conv_k4s2_onednn)

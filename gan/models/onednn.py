@@ -1,0 +1,142 @@
+"""The k4-s2 layers run by oneDNN on the CPU, through XLA's FFI.
+
+XLA:CPU's own convolution kernels reach about half of what oneDNN (the library PyTorch runs on
+the CPU) does for DCGAN's shapes, and for bf16 no more than their float32 speed. `onednn_conv.cc`
+wraps oneDNN's convolution and its two gradients as XLA FFI handlers; this module compiles it
+once per source and jaxlib version (into ~/.cache/gan, with g++ against the oneDNN wheel's
+headers), registers the handlers, and calls them; `layers` builds the k4-s2 layers' functions
+and gradients from the three calls.
+
+Where oneDNN cannot be used (no g++, another platform, `GAN_ONEDNN=0` in the environment), the
+layers keep XLA's convolutions; `available()` says which, and why, once in the log.
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+_SOURCE = Path(__file__).with_name("onednn_conv.cc")
+_TARGETS = {
+  "GanConvForward": "gan_onednn_conv_forward",
+  "GanConvBackwardData": "gan_onednn_conv_backward_data",
+  "GanConvBackwardWeights": "gan_onednn_conv_backward_weights",
+}
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_turned_off = False  # see turned_off()
+
+
+def _installed_file(distribution: str, relative: str) -> Path:
+  """Where `distribution`'s file ending in `relative` is installed."""
+  for file in importlib.metadata.files(distribution) or ():
+    if file.as_posix().endswith(relative):
+      return Path(file.locate()).resolve()
+  raise FileNotFoundError(f"{distribution} has no {relative}")
+
+
+def _cache_dir() -> Path:
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan"
+
+
+def _build() -> Path:
+  """Compiles onednn_conv.cc unless this source, jaxlib and oneDNN were compiled before."""
+  compiler = shutil.which(os.environ.get("CXX", "g++"))
+  if compiler is None:
+    raise FileNotFoundError("no C++ compiler (g++, or $CXX)")
+  header = _installed_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
+  library = _installed_file("onednn-cpu-gomp", "/libdnnl.so.3")
+  includes = (header.parents[2], Path(jax.ffi.include_dir()))
+  fingerprint = hashlib.sha256(_SOURCE.read_bytes())
+  for part in (*includes, library, importlib.metadata.version("jaxlib")):
+    fingerprint.update(str(part).encode())
+  target = _cache_dir() / f"onednn_conv-{fingerprint.hexdigest()[:16]}.so"
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Built beside the target and renamed into place: processes building at once never see half.
+  with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    built = Path(scratch) / target.name
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
+    command += [f"-I{include}" for include in includes]
+    command += [str(_SOURCE), str(library), f"-Wl,-rpath,{library.parent}", "-o", str(built)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+      raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+    os.replace(built, target)
+  return target
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the oneDNN handlers are built and registered (logs why not, once)."""
+  if os.environ.get("GAN_ONEDNN", "1") == "0":
+    logging.info("GAN_ONEDNN=0: the k4-s2 layers use XLA's convolutions on the CPU.")
+    return False
+  try:
+    library = ctypes.CDLL(str(_build()))
+  except (OSError, RuntimeError, importlib.metadata.PackageNotFoundError) as error:
+    logging.warning("oneDNN convolutions unavailable (%s); using XLA's, which are slower.", error)
+    return False
+  for symbol, name in _TARGETS.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  logging.info("The k4-s2 layers run by oneDNN on the CPU (%s).", library._name)
+  return True
+
+
+@contextlib.contextmanager
+def turned_off():
+  """Functions traced inside use XLA's convolutions: for XLA's cost analysis, which cannot see
+  into the custom calls (the same function, so the same FLOPs)."""
+  global _turned_off
+  _turned_off, before = True, _turned_off
+  try:
+    yield
+  finally:
+    _turned_off = before
+
+
+def usable(dtype, kernel: jax.Array) -> bool:
+  """Whether a k4-s2 layer computing in `dtype` from `kernel` runs by oneDNN here."""
+  return (
+    not _turned_off
+    and jax.default_backend() == "cpu"
+    and jnp.dtype(dtype) in _DTYPES
+    and kernel.dtype in _DTYPES
+    and available()
+  )
+
+
+def _call(symbol: str, result: jax.ShapeDtypeStruct, *args: jax.Array) -> jax.Array:
+  if not available():
+    raise RuntimeError("The oneDNN layers are unavailable here; the log says why.")
+  return jax.ffi.ffi_call(_TARGETS[symbol], result)(*args)
+
+
+def forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The strided convolution (2H x 2W -> H x W) of x by an HWIO kernel, in x's dtype."""
+  batch, height, width, _ = x.shape
+  shape = jax.ShapeDtypeStruct((batch, height // 2, width // 2, kernel.shape[3]), x.dtype)
+  return _call("GanConvForward", shape, x, kernel)
+
+
+def backward_data(cotangent: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The strided convolution's transpose (H x W -> 2H x 2W) applied to `cotangent`."""
+  batch, height, width, _ = cotangent.shape
+  shape = jax.ShapeDtypeStruct((batch, 2 * height, 2 * width, kernel.shape[2]), cotangent.dtype)
+  return _call("GanConvBackwardData", shape, cotangent, kernel)
+
+
+def backward_kernel(x: jax.Array, cotangent: jax.Array, dtype) -> jax.Array:
+  """d<forward(x, kernel), cotangent>/dkernel, accumulated in float32, returned in `dtype`."""
+  shape = jax.ShapeDtypeStruct((4, 4, x.shape[3], cotangent.shape[3]), dtype)
+  return _call("GanConvBackwardWeights", shape, x, cotangent)
