@@ -3,8 +3,8 @@
 //
 // Activations stay in XLA's NHWC layout; kernels are reordered (and, for bf16 compute, converted)
 // into the layout oneDNN picks for the shape: with plain HWIO kernels oneDNN falls back to GEMM
-// for both gradients, at half the speed. Each call makes its own scratchpad (user mode), so
-// concurrent calls from XLA's threads share nothing but the primitive cache.
+// for both gradients, at half the speed. Calls run one at a time, on every core, with the
+// scratchpad (user mode) and the reordered kernel in buffers they share.
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -116,11 +116,14 @@ memory Wrap(const memory::desc& desc, void* data) { return memory(desc, Engine()
 void Execute(const Plan& plan, Op op, std::unordered_map<int, memory> args, void* user_kernel) {
   // One call at a time: each takes every core, and XLA would otherwise run independent calls
   // side by side from its own threads, two thread teams sharing the cores at half speed each.
+  // So the scratchpad and the kernel's buffer can be kept and reused: fresh ones would be
+  // zeroed and page-faulted in on every call.
   static std::mutex one_at_a_time;
+  static std::vector<uint8_t> scratchpad, kernel;
   std::lock_guard<std::mutex> lock(one_at_a_time);
   dnnl::stream stream(Engine());
-  std::vector<uint8_t> scratchpad(plan.scratchpad.get_size());
-  std::vector<uint8_t> kernel(plan.kernel.get_size());
+  if (scratchpad.size() < plan.scratchpad.get_size()) scratchpad.resize(plan.scratchpad.get_size());
+  if (kernel.size() < plan.kernel.get_size()) kernel.resize(plan.kernel.get_size());
   memory own = Wrap(plan.kernel, kernel.data()), user = Wrap(plan.user_kernel, user_kernel);
   args.emplace(DNNL_ARG_SCRATCHPAD, Wrap(plan.scratchpad, scratchpad.data()));
   if (op == Op::kBackwardWeights) {
