@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import os
 import shutil
 from unittest import mock
 
@@ -250,6 +251,16 @@ def test_gan_onednn_0_keeps_xla_convolutions(fresh_onednn, monkeypatch):
   np.testing.assert_allclose(
     layer(x), _strided_reference(x, layer.kernel[...]), rtol=1e-5, atol=1e-5
   )
+
+
+def test_onednn_lets_idle_openmp_workers_sleep_unless_told_otherwise(fresh_onednn, monkeypatch):
+  monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+  onednn.available()
+  assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+  onednn.available.cache_clear()
+  monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+  onednn.available()
+  assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_a_failed_build_warns_once_and_keeps_xla(fresh_onednn, monkeypatch, tmp_path, caplog):

@@ -3,11 +3,15 @@
 //
 // Activations stay in XLA's NHWC layout; kernels are reordered (and, for bf16 compute, converted)
 // into the layout oneDNN picks for the shape: with plain HWIO kernels oneDNN falls back to GEMM
-// for both gradients, at half the speed. Calls run one at a time, on every core, with the
-// scratchpad (user mode) and the reordered kernel in buffers they share.
+// for both gradients, at half the speed. Calls run one at a time on one thread (`Worker`), on
+// every core, with the scratchpad (user mode) and the reordered kernel in buffers they share.
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
@@ -111,31 +115,75 @@ const Plan& GetPlan(Op op, const Shape& shape) {
 
 memory Wrap(const memory::desc& desc, void* data) { return memory(desc, Engine(), data); }
 
-// Runs `plan` with `args` (activations) and the kernel at `user_kernel` in the caller's layout:
-// reordered in before a forward or data-gradient pass, out after a kernel-gradient pass.
-void Execute(const Plan& plan, Op op, std::unordered_map<int, memory> args, void* user_kernel) {
-  // One call at a time: each takes every core, and XLA would otherwise run independent calls
-  // side by side from its own threads, two thread teams sharing the cores at half speed each.
-  // So the scratchpad and the kernel's buffer can be kept and reused: fresh ones would be
-  // zeroed and page-faulted in on every call.
-  static std::mutex one_at_a_time;
-  static std::vector<uint8_t> scratchpad, kernel;
-  std::lock_guard<std::mutex> lock(one_at_a_time);
-  dnnl::stream stream(Engine());
-  if (scratchpad.size() < plan.scratchpad.get_size()) scratchpad.resize(plan.scratchpad.get_size());
-  if (kernel.size() < plan.kernel.get_size()) kernel.resize(plan.kernel.get_size());
-  memory own = Wrap(plan.kernel, kernel.data()), user = Wrap(plan.user_kernel, user_kernel);
-  args.emplace(DNNL_ARG_SCRATCHPAD, Wrap(plan.scratchpad, scratchpad.data()));
-  if (op == Op::kBackwardWeights) {
-    args.emplace(DNNL_ARG_DIFF_WEIGHTS, own);
-    plan.primitive.execute(stream, args);
-    plan.reorder.execute(stream, own, user);
-  } else {
-    plan.reorder.execute(stream, user, own);
-    args.emplace(DNNL_ARG_WEIGHTS, own);
-    plan.primitive.execute(stream, args);
+// Runs `task` on one thread kept for oneDNN, one task at a time, and waits for it. Each call takes
+// every core through OpenMP, and XLA calls from any of its threads; GNU OpenMP keeps a team of
+// workers for each thread that starts parallel work, and the idle teams' spinning workers would
+// take cores from the running one. From one thread, there is one team.
+class Worker {
+ public:
+  static Worker& Get() {
+    static Worker* worker = new Worker();  // never destroyed: its thread lives with the process
+    return *worker;
   }
-  stream.wait();
+
+  void Run(const std::function<void()>& task) {
+    std::lock_guard<std::mutex> one_caller(caller_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    task_ = &task;
+    wake_.notify_one();
+    done_.wait(lock, [this] { return task_ == nullptr; });
+  }
+
+ private:
+  Worker() : thread_([this] { Loop(); }) { thread_.detach(); }
+
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      wake_.wait(lock, [this] { return task_ != nullptr; });
+      (*task_)();
+      task_ = nullptr;
+      done_.notify_one();
+    }
+  }
+
+  std::mutex caller_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void()>* task_ = nullptr;
+  std::thread thread_;
+};
+
+// Runs `plan` with `args` (activations) and the kernel at `user_kernel` in the caller's layout:
+// reordered in before a forward or data-gradient pass, out after a kernel-gradient pass. The
+// scratchpad and the kernel's buffer are kept and reused (calls run one at a time): fresh ones
+// would be zeroed and page-faulted in on every call.
+void Execute(const Plan& plan, Op op, std::unordered_map<int, memory> args, void* user_kernel) {
+  std::exception_ptr failure;
+  Worker::Get().Run([&] {
+    try {
+      static std::vector<uint8_t> scratchpad, kernel;
+      if (scratchpad.size() < plan.scratchpad.get_size()) {
+        scratchpad.resize(plan.scratchpad.get_size());
+      }
+      if (kernel.size() < plan.kernel.get_size()) kernel.resize(plan.kernel.get_size());
+      dnnl::stream stream(Engine());
+      memory own = Wrap(plan.kernel, kernel.data()), user = Wrap(plan.user_kernel, user_kernel);
+      args.emplace(DNNL_ARG_SCRATCHPAD, Wrap(plan.scratchpad, scratchpad.data()));
+      if (op == Op::kBackwardWeights) {
+        args.emplace(DNNL_ARG_DIFF_WEIGHTS, own);
+        plan.primitive.execute(stream, args);
+        plan.reorder.execute(stream, own, user);
+      } else {
+        plan.reorder.execute(stream, user, own);
+        args.emplace(DNNL_ARG_WEIGHTS, own);
+        plan.primitive.execute(stream, args);
+      }
+      stream.wait();
+    } catch (...) {
+      failure = std::current_exception();
+    }
+  });
+  if (failure) std::rethrow_exception(failure);
 }
 
 Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst, ffi::DataType data,
