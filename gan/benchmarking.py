@@ -91,12 +91,12 @@ def count_flops(nets: train.Networks, config: ml_collections.ConfigDict, args) -
   Counted on the step lowered for the CPU, before any backend's optimisation: XLA:GPU counts
   nothing before compiling and, after, leaves out the convolutions and dots it hands to cuDNN
   and cuBLAS. The count is of the whole global batch, whatever the mesh. The step is traced
-  with XLA's convolutions in place of oneDNN's, which XLA sees only as opaque custom calls.
+  with the layers' plain convolutions (`onednn.plain_convolutions`): XLA cannot count oneDNN's.
   """
   specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
   step = jax.jit(functools.partial(train.train_step, nets, config.train))
   try:
-    with jax.default_device(jax.devices("cpu")[0]), onednn.turned_off():
+    with jax.default_device(jax.devices("cpu")[0]), onednn.plain_convolutions():
       return flops_from_cost_analysis(step.lower(*specs).cost_analysis())
   except (NotImplementedError, RuntimeError) as e:
     logging.warning("XLA gave no cost analysis of the train step: %s", e)

@@ -72,21 +72,30 @@ def test_benchmark_describes_the_device_and_the_config(report):
   assert (report["generator_params"], report["discriminator_params"]) == counts
 
 
-def test_the_flop_count_includes_the_convolutions_that_onednn_runs():
-  config = tiny_config("dcgan")
-  if not onednn.usable(jnp.float32, jnp.zeros((4, 4, 1, 1))):
-    pytest.skip("oneDNN does not run the layers here")
+def _tiny_dcgan_flops(dtype: str) -> float:
+  config = tiny_config("dcgan", model__dtype=dtype)
   nets, state = train.create_train_state(config, parallel.create_mesh(0))
   size, resolution = config.train.batch_size, config.data.resolution
   batch = {"image": jnp.zeros((size, resolution, resolution, 3)), "label": jnp.zeros(size, int)}
-  flops = benchmarking.count_flops(nets, config, (state, batch, jax.random.PRNGKey(0)))
+  return benchmarking.count_flops(nets, config, (state, batch, jax.random.PRNGKey(0)))
+
+
+def test_the_flop_count_includes_the_convolutions_that_onednn_runs():
+  if not onednn.usable(jnp.float32, jnp.zeros((4, 4, 1, 1))):
+    pytest.skip("oneDNN does not run the layers here")
+  config = tiny_config("dcgan")
   # D's k4-s2 convolutions on one batch, forward only: 3 -> w, then doubling down to 4 x 4.
-  width, d_forward, side = config.model.base_width, 0, resolution
+  size, width, d_forward, side = config.train.batch_size, config.model.base_width, 0, 32
   for c_in, c_out in zip((3, width, 2 * width), (width, 2 * width, 4 * width), strict=True):
     side //= 2
     d_forward += 2 * size * side * side * 16 * c_in * c_out
   # A step runs them forward three times (real, fake, fake for G) and backward at least twice.
-  assert flops > 5 * d_forward
+  assert _tiny_dcgan_flops("float32") > 5 * d_forward
+
+
+def test_bf16_counts_the_flops_of_the_same_function_as_fp32():
+  # Not the dot forms' (which compute a border of zeros too): only converts may add.
+  assert _tiny_dcgan_flops("bfloat16") == pytest.approx(_tiny_dcgan_flops("float32"), rel=0.03)
 
 
 def test_without_the_cache_the_pipeline_has_one_rate():

@@ -235,7 +235,7 @@ def _low_precision_by_dots(compute_dtype, kernel: jax.Array) -> bool:
   narrower compute dtype on XLA:CPU, where they were measured faster. Elsewhere (GPUs) the
   layers keep the native low-precision convolutions and dots that were measured there."""
   narrower = jnp.dtype(compute_dtype).itemsize < kernel.dtype.itemsize
-  return narrower and jax.default_backend() == "cpu"
+  return narrower and jax.default_backend() == "cpu" and not onednn.tracing_plain_convolutions()
 
 
 class Linear(nnx.Linear):

@@ -33,7 +33,7 @@ _TARGETS = {
   "GanConvBackwardWeights": "gan_onednn_conv_backward_weights",
 }
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_turned_off = False  # see turned_off()
+_plain_convolutions = False  # see plain_convolutions()
 
 
 def _installed_file(distribution: str, relative: str) -> Path:
@@ -98,21 +98,26 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
-def turned_off():
-  """Functions traced inside use XLA's convolutions: for XLA's cost analysis, which cannot see
-  into the custom calls (the same function, so the same FLOPs)."""
-  global _turned_off
-  _turned_off, before = True, _turned_off
+def plain_convolutions():
+  """Functions traced inside run the k4-s2 layers as XLA's plain convolutions, neither by oneDNN
+  nor as dots: for XLA's cost analysis, which cannot see into oneDNN's custom calls and would
+  count the dot forms' extra border work. The function is the same, so are its FLOPs."""
+  global _plain_convolutions
+  _plain_convolutions, before = True, _plain_convolutions
   try:
     yield
   finally:
-    _turned_off = before
+    _plain_convolutions = before
+
+
+def tracing_plain_convolutions() -> bool:
+  return _plain_convolutions
 
 
 def usable(dtype, kernel: jax.Array) -> bool:
   """Whether a k4-s2 layer computing in `dtype` from `kernel` runs by oneDNN here."""
   return (
-    not _turned_off
+    not _plain_convolutions
     and jax.default_backend() == "cpu"
     and jnp.dtype(dtype) in _DTYPES
     and kernel.dtype in _DTYPES
