@@ -105,26 +105,12 @@ def test_strided_convolution_equals_lax_in_value_and_gradient(shape):
   )
 
 
-@settings(max_examples=10, deadline=None)
-@given(_shapes)
-@example((0, 1, 1, 1, 1, 1))
-@example((1, 2, 3, 8, 5, 3))
-def test_both_k4s2_functions_by_dots_equal_lax_in_value_and_gradient(shape):
-  seed, batch, height, width, c_in, c_out = shape
-  x, kernel = _random_pair(seed, batch, 2 * height, 2 * width, c_in, c_out)
-  _assert_same_values_and_gradients(
-    layers.conv_k4s2_by_dots, _strided_reference, x, kernel, (batch, height, width, c_out)
-  )
-  x, kernel = _random_pair(seed + 1, batch, height, width, c_in, c_out)
-  _assert_same_values_and_gradients(
-    layers.conv_transpose_k4s2_by_dots, _reference, x, kernel, (batch, 2 * height, 2 * width, c_out)
-  )
-
-
 needs_compiler = pytest.mark.skipif(
   shutil.which("g++") is None, reason="no g++ here to build the oneDNN layers"
 )
-_LOW_PRECISION_FORMS = {
+# The k4-s2 functions' other CPU forms, (conv_k4s2's, conv_transpose_k4s2's): as dots (for bf16
+# where oneDNN is not built) and by oneDNN (float32 and bf16).
+_CPU_FORMS = {
   "dots": (layers.conv_k4s2_by_dots, layers.conv_transpose_k4s2_by_dots),
   "onednn": pytest.param(
     (layers.conv_k4s2_onednn, layers.conv_transpose_k4s2_onednn), marks=needs_compiler
@@ -132,7 +118,24 @@ _LOW_PRECISION_FORMS = {
 }
 
 
-@pytest.mark.parametrize("forms", _LOW_PRECISION_FORMS.values(), ids=_LOW_PRECISION_FORMS.keys())
+@pytest.mark.parametrize("forms", _CPU_FORMS.values(), ids=_CPU_FORMS.keys())
+@settings(max_examples=10, deadline=None)
+@given(_shapes)
+@example((0, 1, 1, 1, 1, 1))
+@example((1, 2, 3, 8, 5, 3))
+def test_both_k4s2_functions_in_either_form_equal_lax_in_value_and_gradient(forms, shape):
+  seed, batch, height, width, c_in, c_out = shape
+  x, kernel = _random_pair(seed, batch, 2 * height, 2 * width, c_in, c_out)
+  _assert_same_values_and_gradients(
+    forms[0], _strided_reference, x, kernel, (batch, height, width, c_out)
+  )
+  x, kernel = _random_pair(seed + 1, batch, height, width, c_in, c_out)
+  _assert_same_values_and_gradients(
+    forms[1], _reference, x, kernel, (batch, 2 * height, 2 * width, c_out)
+  )
+
+
+@pytest.mark.parametrize("forms", _CPU_FORMS.values(), ids=_CPU_FORMS.keys())
 @pytest.mark.parametrize("upsampling", [False, True])
 def test_k4s2_in_bfloat16_computes_bfloat16_and_accumulates_the_kernel_gradient_in_float32(
   forms, upsampling
@@ -182,23 +185,6 @@ def test_k4s2_layers_in_bfloat16_without_onednn_compute_by_dots_and_follow_float
 @needs_compiler
 def test_onednn_builds_and_registers_where_a_compiler_is():
   assert onednn.available()
-
-
-@needs_compiler
-@settings(max_examples=10, deadline=None)
-@given(_shapes)
-@example((0, 1, 1, 1, 1, 1))
-@example((1, 2, 3, 8, 5, 3))
-def test_both_k4s2_functions_by_onednn_equal_lax_in_value_and_gradient(shape):
-  seed, batch, height, width, c_in, c_out = shape
-  x, kernel = _random_pair(seed, batch, 2 * height, 2 * width, c_in, c_out)
-  _assert_same_values_and_gradients(
-    layers.conv_k4s2_onednn, _strided_reference, x, kernel, (batch, height, width, c_out)
-  )
-  x, kernel = _random_pair(seed + 1, batch, height, width, c_in, c_out)
-  _assert_same_values_and_gradients(
-    layers.conv_transpose_k4s2_onednn, _reference, x, kernel, (batch, 2 * height, 2 * width, c_out)
-  )
 
 
 @needs_compiler
