@@ -7,10 +7,10 @@
 // every core, with the scratchpad (user mode) and the reordered kernel in buffers they share.
 #include <condition_variable>
 #include <cstdint>
-#include <exception>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <unordered_map>
@@ -153,37 +153,44 @@ class Worker {
   std::thread thread_;
 };
 
-// Runs `plan` with `args` (activations) and the kernel at `user_kernel` in the caller's layout:
-// reordered in before a forward or data-gradient pass, out after a kernel-gradient pass. The
-// scratchpad and the kernel's buffer are kept and reused (calls run one at a time): fresh ones
+// Runs `op` for `shape` with `args` (activations) and the kernel at `user_kernel` in the caller's
+// layout: reordered in before a forward or data-gradient pass, out after a kernel-gradient pass.
+// The scratchpad and the kernel's buffer are kept and reused (calls run one at a time): fresh ones
 // would be zeroed and page-faulted in on every call.
-void Execute(const Plan& plan, Op op, std::unordered_map<int, memory> args, void* user_kernel) {
-  std::exception_ptr failure;
-  Worker::Get().Run([&] {
-    try {
-      static std::vector<uint8_t> scratchpad, kernel;
-      if (scratchpad.size() < plan.scratchpad.get_size()) {
-        scratchpad.resize(plan.scratchpad.get_size());
+ffi::Error Execute(Op op, const Shape& shape, std::unordered_map<int, memory> args,
+                   void* user_kernel) {
+  std::string failure;
+  try {
+    const Plan& plan = GetPlan(op, shape);
+    Worker::Get().Run([&] {
+      try {
+        static std::vector<uint8_t> scratchpad, kernel;
+        if (scratchpad.size() < plan.scratchpad.get_size()) {
+          scratchpad.resize(plan.scratchpad.get_size());
+        }
+        if (kernel.size() < plan.kernel.get_size()) kernel.resize(plan.kernel.get_size());
+        dnnl::stream stream(Engine());
+        memory own = Wrap(plan.kernel, kernel.data()), user = Wrap(plan.user_kernel, user_kernel);
+        args.emplace(DNNL_ARG_SCRATCHPAD, Wrap(plan.scratchpad, scratchpad.data()));
+        if (op == Op::kBackwardWeights) {
+          args.emplace(DNNL_ARG_DIFF_WEIGHTS, own);
+          plan.primitive.execute(stream, args);
+          plan.reorder.execute(stream, own, user);
+        } else {
+          plan.reorder.execute(stream, user, own);
+          args.emplace(DNNL_ARG_WEIGHTS, own);
+          plan.primitive.execute(stream, args);
+        }
+        stream.wait();
+      } catch (const dnnl::error& error) {
+        failure = error.what();
       }
-      if (kernel.size() < plan.kernel.get_size()) kernel.resize(plan.kernel.get_size());
-      dnnl::stream stream(Engine());
-      memory own = Wrap(plan.kernel, kernel.data()), user = Wrap(plan.user_kernel, user_kernel);
-      args.emplace(DNNL_ARG_SCRATCHPAD, Wrap(plan.scratchpad, scratchpad.data()));
-      if (op == Op::kBackwardWeights) {
-        args.emplace(DNNL_ARG_DIFF_WEIGHTS, own);
-        plan.primitive.execute(stream, args);
-        plan.reorder.execute(stream, own, user);
-      } else {
-        plan.reorder.execute(stream, user, own);
-        args.emplace(DNNL_ARG_WEIGHTS, own);
-        plan.primitive.execute(stream, args);
-      }
-      stream.wait();
-    } catch (...) {
-      failure = std::current_exception();
-    }
-  });
-  if (failure) std::rethrow_exception(failure);
+    });
+  } catch (const dnnl::error& error) {
+    failure = error.what();
+  }
+  if (failure.empty()) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN: " + failure);
 }
 
 Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst, ffi::DataType data,
@@ -192,46 +199,33 @@ Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst, ffi::D
                OneDnnType(weights)};
 }
 
-ffi::Error Failed(const dnnl::error& error) {
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + error.what());
-}
-
-ffi::Error Forward(ffi::AnyBuffer src, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dst) try {
+ffi::Error Forward(ffi::AnyBuffer src, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dst) {
   Shape shape = ShapeOf(src.dimensions(), dst->dimensions(), src.element_type(),
                         kernel.element_type());
-  Execute(GetPlan(Op::kForward, shape), Op::kForward,
-          {{DNNL_ARG_SRC, Wrap(shape.Src(), src.untyped_data())},
-           {DNNL_ARG_DST, Wrap(shape.Dst(), dst->untyped_data())}},
-          kernel.untyped_data());
-  return ffi::Error::Success();
-} catch (const dnnl::error& error) {
-  return Failed(error);
+  return Execute(Op::kForward, shape,
+                 {{DNNL_ARG_SRC, Wrap(shape.Src(), src.untyped_data())},
+                  {DNNL_ARG_DST, Wrap(shape.Dst(), dst->untyped_data())}},
+                 kernel.untyped_data());
 }
 
 ffi::Error BackwardData(ffi::AnyBuffer diff_dst, ffi::AnyBuffer kernel,
-                        ffi::Result<ffi::AnyBuffer> diff_src) try {
+                        ffi::Result<ffi::AnyBuffer> diff_src) {
   Shape shape = ShapeOf(diff_src->dimensions(), diff_dst.dimensions(), diff_dst.element_type(),
                         kernel.element_type());
-  Execute(GetPlan(Op::kBackwardData, shape), Op::kBackwardData,
-          {{DNNL_ARG_DIFF_DST, Wrap(shape.Dst(), diff_dst.untyped_data())},
-           {DNNL_ARG_DIFF_SRC, Wrap(shape.Src(), diff_src->untyped_data())}},
-          kernel.untyped_data());
-  return ffi::Error::Success();
-} catch (const dnnl::error& error) {
-  return Failed(error);
+  return Execute(Op::kBackwardData, shape,
+                 {{DNNL_ARG_DIFF_DST, Wrap(shape.Dst(), diff_dst.untyped_data())},
+                  {DNNL_ARG_DIFF_SRC, Wrap(shape.Src(), diff_src->untyped_data())}},
+                 kernel.untyped_data());
 }
 
 ffi::Error BackwardWeights(ffi::AnyBuffer src, ffi::AnyBuffer diff_dst,
-                           ffi::Result<ffi::AnyBuffer> diff_kernel) try {
+                           ffi::Result<ffi::AnyBuffer> diff_kernel) {
   Shape shape = ShapeOf(src.dimensions(), diff_dst.dimensions(), src.element_type(),
                         diff_kernel->element_type());
-  Execute(GetPlan(Op::kBackwardWeights, shape), Op::kBackwardWeights,
-          {{DNNL_ARG_SRC, Wrap(shape.Src(), src.untyped_data())},
-           {DNNL_ARG_DIFF_DST, Wrap(shape.Dst(), diff_dst.untyped_data())}},
-          diff_kernel->untyped_data());
-  return ffi::Error::Success();
-} catch (const dnnl::error& error) {
-  return Failed(error);
+  return Execute(Op::kBackwardWeights, shape,
+                 {{DNNL_ARG_SRC, Wrap(shape.Src(), src.untyped_data())},
+                  {DNNL_ARG_DIFF_DST, Wrap(shape.Dst(), diff_dst.untyped_data())}},
+                 diff_kernel->untyped_data());
 }
 
 }  // namespace
