@@ -224,12 +224,16 @@ def time_input_pipeline(config: ml_collections.ConfigDict, *, batches: int) -> d
     input_pipeline.forget_decoded()
 
 
-def cpu_convolutions() -> str | None:
-  """What runs the k4-s2 layers' convolutions when this machine's default backend is the CPU:
-  'onednn', or 'xla' where oneDNN cannot be used."""
+def cpu_convolutions(dtype) -> str | None:
+  """What runs the k4-s2 layers' convolutions computed in `dtype` when this machine's default
+  backend is the CPU: 'onednn-winograd' (float32: the middle layers by Winograd's form, the
+  others direct), 'onednn', or 'xla' where oneDNN cannot be used."""
   if jax.default_backend() != "cpu":
     return None
-  return "onednn" if onednn.available() else "xla"
+  if not onednn.available():
+    return "xla"
+  winograd = onednn.winograd() and jnp.dtype(dtype) == jnp.float32
+  return "onednn-winograd" if winograd else "onednn"
 
 
 def parameter_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -281,7 +285,7 @@ def run(
     "discriminator_params": d_params,
     "repeats": repeats,
     "steps": steps,
-    "cpu_convolutions": cpu_convolutions(),
+    "cpu_convolutions": cpu_convolutions(config.model.dtype),
   }
   # The ceiling of the config's compute dtype: a bf16 step against bf16 matmuls.
   ceiling = matmul_ceiling(repeats, dtype=jnp.dtype(config.model.dtype))

@@ -66,10 +66,19 @@ def test_benchmark_describes_the_device_and_the_config(report):
   assert report["device"]["platform"] == "cpu" and report["device"]["count"] >= 1
   assert report["device"]["kind"]
   assert report["config"] == "configs/dcgan.py:smoke"
-  assert report["cpu_convolutions"] == benchmarking.cpu_convolutions()
+  assert report["cpu_convolutions"] == benchmarking.cpu_convolutions(jnp.float32)
   assert (report["model"], report["resolution"], report["batch_size"]) == ("dcgan", 32, 8)
   counts = benchmarking.parameter_counts(tiny_config("dcgan"))
   assert (report["generator_params"], report["discriminator_params"]) == counts
+
+
+def test_cpu_convolutions_names_winograd_for_float32_only(monkeypatch):
+  if not onednn.available():
+    pytest.skip("oneDNN is not built here")
+  assert benchmarking.cpu_convolutions(jnp.float32) == "onednn-winograd"
+  assert benchmarking.cpu_convolutions(jnp.bfloat16) == "onednn"
+  monkeypatch.setenv("GAN_WINOGRAD", "0")
+  assert benchmarking.cpu_convolutions(jnp.float32) == "onednn"
 
 
 def _tiny_dcgan_flops(dtype: str) -> float:

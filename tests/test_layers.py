@@ -189,15 +189,71 @@ def test_onednn_builds_and_registers_where_a_compiler_is():
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_onednn_gives_the_same_bits_every_time(dtype):
-  # Big enough that oneDNN splits the work over threads (and blocks its channels).
-  x, kernel = _random_pair(4, 8, 16, 16, 32, 64)
+@pytest.mark.parametrize("c_in, c_out", [(32, 64), (128, 160)])
+def test_onednn_gives_the_same_bits_every_time(dtype, c_in, c_out):
+  # Big enough that oneDNN splits the work over threads (and blocks its channels); in float32
+  # Winograd's form in blocks of tiles and, for the wider layer, in whole passes.
+  x, kernel = _random_pair(4, 8, 16, 16, c_in, c_out)
   x = jnp.asarray(x, dtype)
-  cotangent = jnp.asarray(np.random.default_rng(5).standard_normal((8, 8, 8, 64)), dtype)
+  cotangent = jnp.asarray(np.random.default_rng(5).standard_normal((8, 8, 8, c_out)), dtype)
   step = jax.jit(lambda x, kernel: jax.vjp(layers.conv_k4s2_onednn, x, kernel)[1](cotangent))
   first, second = step(x, kernel), step(x, kernel)
   for a, b in zip(first, second, strict=True):
     np.testing.assert_array_equal(_f32(a), _f32(b))
+
+
+def _value_and_gradients(fn, x, kernel):
+  """fn's output and (d/dx, d/dkernel) of <output, a fixed random cotangent>."""
+  y, vjp = jax.vjp(fn, x, kernel)
+  cotangent = np.random.default_rng(3).standard_normal(y.shape).astype(np.float32)
+  return [y, *vjp(cotangent)]
+
+
+def _assert_near(ours, theirs, tolerance=2e-5):
+  """Within `tolerance` of the largest magnitude: Winograd's form rounds differently from a
+  direct convolution, by a bound on the whole array rather than on each element."""
+  for a, b in zip(ours, theirs, strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * np.abs(b).max())
+
+
+# (batch, height, width, c_in, c_out) that take Winograd's form: in blocks of whole images (the
+# last block short), in blocks of one image, and in whole passes (U over 4 MiB).
+_WINOGRAD_SHAPES = [(5, 32, 32, 16, 8), (3, 16, 8, 24, 20), (2, 8, 16, 128, 160)]
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", _WINOGRAD_SHAPES, ids=str)
+def test_onednn_winograd_form_equals_lax_and_differs_from_the_direct_one(shape, monkeypatch):
+  batch, height, width, c_in, c_out = shape
+  cases = [
+    (layers.conv_k4s2_onednn, _strided_reference, _random_pair(1, *shape)),
+    (
+      layers.conv_transpose_k4s2_onednn,
+      _reference,
+      _random_pair(2, batch, height // 2, width // 2, c_out, c_in),
+    ),
+  ]
+  winograd = [_value_and_gradients(ours, *pair) for ours, _, pair in cases]
+  for ours, (_, reference, pair) in zip(winograd, cases, strict=True):
+    _assert_near(ours, _value_and_gradients(reference, *pair))
+  monkeypatch.setenv("GAN_WINOGRAD", "0")
+  direct = [_value_and_gradients(ours, *pair) for ours, _, pair in cases]
+  for ours, theirs in zip(jax.tree.leaves(winograd), jax.tree.leaves(direct), strict=True):
+    assert not np.array_equal(ours, theirs)  # another algorithm ran
+
+
+@needs_compiler
+def test_onednn_winograd_finds_each_kernels_transform_by_its_values():
+  # More kernels of one shape than the handlers keep transformed, twice round; then one again
+  # with changed numbers at the same place (XLA reuses buffers).
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((2, 16, 16, 16), np.float32)
+  kernels = [rng.standard_normal((4, 4, 16, 32), np.float32) for _ in range(10)]
+  changed = kernels[-1].copy()
+  changed[3, 1, 7, 5] += 1
+  forward = jax.jit(layers.conv_k4s2_onednn)
+  for kernel in [*kernels, *kernels, changed]:
+    _assert_near([forward(x, kernel)], [_strided_reference(x, kernel)])
 
 
 @needs_compiler

@@ -5,11 +5,16 @@
 // into the layout oneDNN picks for the shape: with plain HWIO kernels oneDNN falls back to GEMM
 // for both gradients, at half the speed. Calls run one at a time on one thread (`Worker`), on
 // every core, with the scratchpad (user mode) and the reordered kernel in buffers they share.
+#include <omp.h>
+
+#include <algorithm>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -75,12 +80,11 @@ struct Plan {
 template <typename Primitive>
 Plan MakePlan(const typename Primitive::primitive_desc& desc, const memory::desc& kernel,
               const memory::desc& user_kernel, bool to_user) {
-  dnnl::reorder reorder = to_user ? dnnl::reorder(dnnl::reorder::primitive_desc(
-                                        Engine(), kernel, Engine(), user_kernel))
-                                  : dnnl::reorder(dnnl::reorder::primitive_desc(
-                                        Engine(), user_kernel, Engine(), kernel));
-  return Plan{Primitive(desc), kernel, user_kernel, reorder,
-              desc.scratchpad_desc()};
+  dnnl::reorder reorder =
+      to_user
+          ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), kernel, Engine(), user_kernel))
+          : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user_kernel, Engine(), kernel));
+  return Plan{Primitive(desc), kernel, user_kernel, reorder, desc.scratchpad_desc()};
 }
 
 enum class Op { kForward, kBackwardData, kBackwardWeights };
@@ -108,7 +112,8 @@ const Plan& GetPlan(Op op, const Shape& shape) {
         Engine(), dnnl::algorithm::convolution_direct, shape.Src(),
         shape.Kernel(shape.weights, Tag::any), shape.Dst(), {2, 2}, {1, 1}, {1, 1}, forward,
         UserScratchpad());
-    plan = MakePlan<dnnl::convolution_backward_weights>(desc, desc.diff_weights_desc(), user_kernel, true);
+    plan = MakePlan<dnnl::convolution_backward_weights>(desc, desc.diff_weights_desc(), user_kernel,
+                                                        true);
   }
   return plans.emplace(key, std::move(plan)).first->second;
 }
@@ -153,55 +158,460 @@ class Worker {
   std::thread thread_;
 };
 
+// Winograd F(4x4, 2x2) for float32.
+//
+// The k4-s2 convolution is a k2-s1 convolution of z = space-to-depth(pad(x, 1)) (K = 4C channels
+// in (u, v, c) order) with w2[s, t, (u, v, c), o] = w[2s + u, 2t + v, c, o]. Winograd's minimal
+// filtering computes each 4 x 4 tile of its output from a 5 x 5 tile of z with 25 products per
+// channel pair instead of 64: y = A^T [(G w2 G^T) . (B^T z B)] A, the products being 25 matrix
+// products over the channels, done by oneDNN. The gradients are the same transforms transposed.
+// Interpolation points 0, 1, -1, 2 and infinity.
+namespace winograd {
+
+constexpr int kM = 4;  // output tile
+constexpr int kN = 5;  // input tile
+constexpr int kNN = kN * kN;
+
+// From the points (Lavin and Gray, 2016, by Toom-Cook): G and A evaluate the kernel's and a
+// tile's polynomials at each point (the row for infinity takes the leading coefficient), and B^T
+// is the transposed inverse of the 5 x 5 Vandermonde matrix of the points.
+constexpr float kBT[kN][kN] = {{1, -0.5f, -1, 0.5f, 0},
+                               {0, 1, 0.5f, -0.5f, 0},
+                               {0, -1 / 3.f, 0.5f, -1 / 6.f, 0},
+                               {0, -1 / 6.f, 0, 1 / 6.f, 0},
+                               {0, 2, -1, -2, 1}};
+constexpr float kG[kN][2] = {{1, 0}, {1, 1}, {1, -1}, {1, 2}, {0, 1}};
+constexpr float kAT[kM][kN] = {
+    {1, 1, 1, 1, 0}, {0, 1, -1, 2, 0}, {0, 1, 1, 4, 0}, {0, 1, -1, 8, 1}};
+
+struct BTMatrix {
+  float operator()(int i, int j) const { return kBT[i][j]; }
+};
+struct BMatrix {
+  float operator()(int i, int j) const { return kBT[j][i]; }
+};
+struct ATMatrix {
+  float operator()(int i, int j) const { return kAT[i][j]; }
+};
+struct AMatrix {
+  float operator()(int i, int j) const { return kAT[j][i]; }
+};
+
+// out[i * out_stride + l] = sum_j m(i, j) in[j * in_stride + l] for l < len.
+template <int Rows, int Cols, typename Matrix>
+void Apply(const float* in, int64_t in_stride, float* out, int64_t out_stride, int64_t len) {
+  const Matrix m;
+  for (int i = 0; i < Rows; ++i) {
+    float* o = out + i * out_stride;
+    std::fill(o, o + len, 0.f);
+    for (int j = 0; j < Cols; ++j) {
+      const float c = m(i, j);
+      if (c == 0) continue;
+      const float* p = in + j * in_stride;
+      for (int64_t l = 0; l < len; ++l) o[l] += c * p[l];
+    }
+  }
+}
+
+// x [n, h, w, c] -> y [n, h/2, w/2, o], in 4 x 4 tiles of y numbered image by image, row by row.
+// Transformed tiles are stored [25][tiles][channels], `stride` tiles apart.
+struct Geometry {
+  int64_t n, h, w, c, o;
+
+  static bool Fits(int64_t h, int64_t w) { return h % (2 * kM) == 0 && w % (2 * kM) == 0; }
+  int64_t K() const { return 4 * c; }
+  int64_t TileRows() const { return h / 2 / kM; }
+  int64_t TileCols() const { return w / 2 / kM; }
+  int64_t TilesPerImage() const { return TileRows() * TileCols(); }
+  int64_t Tiles() const { return n * TilesPerImage(); }
+
+  // x's C channels under position (a, b) of tile t's z, channel block (u, v); null in the padding.
+  template <typename T>
+  T* XAt(T* x, int64_t t, int a, int b, int u, int v) const {
+    const int64_t image = t / TilesPerImage(), tile_row = t / TileCols() % TileRows();
+    const int64_t row = 2 * (tile_row * kM + a) + u - 1;
+    const int64_t col = 2 * (t % TileCols() * kM + b) + v - 1;
+    if (row < 0 || row >= h || col < 0 || col >= w) return nullptr;
+    return x + ((image * h + row) * w + col) * c;
+  }
+  // y's O channels at position (p, q) of tile t.
+  template <typename T>
+  T* YAt(T* y, int64_t t, int p, int q) const {
+    const int64_t image = t / TilesPerImage(), tile_row = t / TileCols() % TileRows();
+    return y + ((image * h / 2 + tile_row * kM + p) * (w / 2) + t % TileCols() * kM + q) * o;
+  }
+};
+
+// Scratch memory for one thread, kept between calls.
+struct Scratch {
+  std::vector<float> z, rows;
+  float* Z(int64_t size) { return Resized(z, size); }
+  float* Rows(int64_t size) { return Resized(rows, size); }
+  static float* Resized(std::vector<float>& buffer, int64_t size) {
+    if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+    return buffer.data();
+  }
+};
+
+// v[(i * 5 + j) * stride * K] (K floats each) = (B^T z B)[i][j] for tile t of z.
+void InputTile(const Geometry& g, const float* x, int64_t t, float* v, int64_t stride,
+               Scratch& scratch) {
+  const int64_t K = g.K();
+  float* z = scratch.Z(kNN * K);
+  float* rows = scratch.Rows(kNN * K);
+  for (int a = 0; a < kN; ++a)
+    for (int b = 0; b < kN; ++b)
+      for (int uv = 0; uv < 4; ++uv) {
+        float* out = z + (a * kN + b) * K + uv * g.c;
+        const float* in = g.XAt(x, t, a, b, uv / 2, uv % 2);
+        if (in)
+          std::copy(in, in + g.c, out);
+        else
+          std::fill(out, out + g.c, 0.f);
+      }
+  for (int b = 0; b < kN; ++b) Apply<kN, kN, BTMatrix>(z + b * K, kN * K, rows + b * K, kN * K, K);
+  for (int i = 0; i < kN; ++i)
+    Apply<kN, kN, BTMatrix>(rows + i * kN * K, K, v + i * kN * stride * K, stride * K, K);
+}
+
+// Adds B dV B^T for tile t (laid out as InputTile writes it) into dx.
+void InputTileBack(const Geometry& g, const float* dv, int64_t stride, int64_t t, float* dx,
+                   Scratch& scratch) {
+  const int64_t K = g.K();
+  float* rows = scratch.Rows(kNN * K);
+  float* z = scratch.Z(kNN * K);
+  for (int j = 0; j < kN; ++j)
+    Apply<kN, kN, BMatrix>(dv + j * stride * K, kN * stride * K, rows + j * K, kN * K, K);
+  for (int a = 0; a < kN; ++a) Apply<kN, kN, BMatrix>(rows + a * kN * K, K, z + a * kN * K, K, K);
+  for (int a = 0; a < kN; ++a)
+    for (int b = 0; b < kN; ++b)
+      for (int uv = 0; uv < 4; ++uv) {
+        float* out = g.XAt(dx, t, a, b, uv / 2, uv % 2);
+        if (!out) continue;
+        const float* in = z + (a * kN + b) * K + uv * g.c;
+        for (int64_t c = 0; c < g.c; ++c) out[c] += in[c];
+      }
+}
+
+// y's tile t = A^T M A, M laid out [25][stride][O] from m.
+void OutputTile(const Geometry& g, const float* m, int64_t stride, int64_t t, float* y,
+                Scratch& scratch) {
+  const int64_t O = g.o;
+  float* rows = scratch.Rows(kM * kN * O);
+  for (int j = 0; j < kN; ++j)
+    Apply<kM, kN, ATMatrix>(m + j * stride * O, kN * stride * O, rows + j * O, kN * O, O);
+  for (int p = 0; p < kM; ++p)
+    Apply<kM, kN, ATMatrix>(rows + p * kN * O, O, g.YAt(y, t, p, 0), O, O);
+}
+
+// dm [25][stride][O] = A dy A^T for y's tile t.
+void OutputTileBack(const Geometry& g, const float* dy, int64_t t, float* dm, int64_t stride,
+                    Scratch& scratch) {
+  const int64_t O = g.o;
+  float* rows = scratch.Rows(kN * kM * O);
+  for (int q = 0; q < kM; ++q)
+    Apply<kN, kM, AMatrix>(g.YAt(dy, t, 0, q), g.w / 2 * O, rows + q * O, kM * O, O);
+  for (int i = 0; i < kN; ++i)
+    Apply<kN, kM, AMatrix>(rows + i * kM * O, O, dm + i * kN * stride * O, stride * O, O);
+}
+
+// U [25][K][O] = G w2 G^T for the HWIO kernel w; with `back`, w = the transpose applied to U.
+void KernelTransform(const Geometry& g, float* w, float* u, bool back) {
+  const int64_t C = g.c, O = g.o, K = g.K();
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t uv = k / C, c = k % C;
+    float* taps[2][2];
+    for (int s = 0; s < 2; ++s)
+      for (int t = 0; t < 2; ++t)
+        taps[s][t] = w + (((2 * s + uv / 2) * 4 + 2 * t + uv % 2) * C + c) * O;
+    float* transformed[kN][kN];
+    for (int i = 0; i < kN; ++i)
+      for (int j = 0; j < kN; ++j) transformed[i][j] = u + ((i * kN + j) * K + k) * O;
+    if (back) {
+      for (int s = 0; s < 2; ++s)
+        for (int t = 0; t < 2; ++t) std::fill(taps[s][t], taps[s][t] + O, 0.f);
+    } else {
+      for (int i = 0; i < kN; ++i)
+        for (int j = 0; j < kN; ++j) std::fill(transformed[i][j], transformed[i][j] + O, 0.f);
+    }
+    for (int i = 0; i < kN; ++i)
+      for (int j = 0; j < kN; ++j)
+        for (int s = 0; s < 2; ++s)
+          for (int t = 0; t < 2; ++t) {
+            const float coef = kG[i][s] * kG[j][t];
+            if (coef == 0) continue;
+            float* out = back ? taps[s][t] : transformed[i][j];
+            const float* in = back ? transformed[i][j] : taps[s][t];
+            for (int64_t o = 0; o < O; ++o) out[o] += coef * in[o];
+          }
+  }
+}
+
+// 25 products [rows, inner] x [inner, cols], either operand stored transposed.
+struct Product {
+  dnnl::matmul primitive;
+  memory::desc a, b, c, scratchpad;
+};
+
+memory::desc Batched(int64_t rows, int64_t cols, bool transposed) {
+  return memory::desc(
+      {kNN, rows, cols}, memory::data_type::f32,
+      transposed ? memory::dims{rows * cols, 1, rows} : memory::dims{rows * cols, cols, 1});
+}
+
+const Product& GetProduct(int64_t rows, int64_t inner, int64_t cols, bool a_transposed,
+                          bool b_transposed) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Product> products;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto key = std::make_tuple(rows, inner, cols, a_transposed, b_transposed);
+  auto found = products.find(key);
+  if (found != products.end()) return found->second;
+  Product p;
+  p.a = Batched(rows, inner, a_transposed);
+  p.b = Batched(inner, cols, b_transposed);
+  p.c = Batched(rows, cols, false);
+  dnnl::matmul::primitive_desc desc(Engine(), p.a, p.b, p.c, UserScratchpad());
+  p.primitive = dnnl::matmul(desc);
+  p.scratchpad = desc.scratchpad_desc();
+  return products.emplace(key, std::move(p)).first->second;
+}
+
+// Computes c = a b (on the calling thread alone when called inside a parallel region).
+void Multiply(const Product& p, const float* a, const float* b, float* c,
+              std::vector<uint8_t>& scratchpad) {
+  if (scratchpad.size() < p.scratchpad.get_size()) scratchpad.resize(p.scratchpad.get_size());
+  dnnl::stream stream(Engine());
+  p.primitive.execute(stream, {{DNNL_ARG_SRC, Wrap(p.a, const_cast<float*>(a))},
+                               {DNNL_ARG_WEIGHTS, Wrap(p.b, const_cast<float*>(b))},
+                               {DNNL_ARG_DST, Wrap(p.c, c)},
+                               {DNNL_ARG_SCRATCHPAD, Wrap(p.scratchpad, scratchpad.data())}});
+  stream.wait();
+}
+
+// Per-thread buffers, kept between calls.
+struct ThreadBuffers {
+  Scratch scratch;
+  std::vector<float> transformed, products;
+  std::vector<uint8_t> scratchpad;
+};
+
+ThreadBuffers& Buffers() {
+  static std::vector<ThreadBuffers> buffers(omp_get_max_threads());
+  return buffers[omp_get_thread_num()];
+}
+
+// U for the kernel w, kept for the last few kernels and found again by value: within a step a
+// layer's kernel goes into up to six passes, and its transform costs more than a small layer's
+// products (it writes 25 / 16 times the kernel). U, in [25][4][C][O] order, is fixed by w's
+// numbers in order, whatever C and O.
+const float* TransformedKernel(const Geometry& g, const float* w) {
+  struct Entry {
+    std::vector<float> kernel, transformed;
+    uint64_t used;
+  };
+  constexpr size_t kEntries = 8;
+  static std::vector<Entry> cache;
+  static uint64_t clock = 0;
+  const int64_t size = 16 * g.c * g.o;
+  for (Entry& entry : cache) {
+    if (static_cast<int64_t>(entry.kernel.size()) == size &&
+        std::equal(entry.kernel.begin(), entry.kernel.end(), w)) {
+      entry.used = ++clock;
+      return entry.transformed.data();
+    }
+  }
+  if (cache.size() < kEntries) cache.emplace_back();
+  Entry& entry = *std::min_element(cache.begin(), cache.end(),
+                                   [](const Entry& a, const Entry& b) { return a.used < b.used; });
+  entry.kernel.assign(w, w + size);
+  entry.transformed.resize(kNN * g.K() * g.o);
+  entry.used = ++clock;
+  KernelTransform(g, entry.kernel.data(), entry.transformed.data(), false);
+  return entry.transformed.data();
+}
+
+// The forward and data-gradient passes go in blocks of whole images, one block per thread at a
+// time, so that the transformed tiles stay in the thread's cache between the three stages.
+template <typename F>
+void ForBlocks(const Geometry& g, F block) {
+  const int64_t images = std::max<int64_t>(1, 32 / g.TilesPerImage());
+  const int64_t blocks = (g.n + images - 1) / images;
+  std::string failure;  // exceptions must not leave a parallel region
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t first = i * images * g.TilesPerImage();
+    try {
+      block(first, std::min(g.n, (i + 1) * images) * g.TilesPerImage() - first, Buffers());
+    } catch (const std::exception& error) {
+#pragma omp critical
+      failure = error.what();
+    }
+  }
+  if (!failure.empty()) throw std::runtime_error(failure);
+}
+
+// Runs stage(t, buffers) for every tile t, split over the cores.
+template <typename F>
+void ForTiles(int64_t tiles, F stage) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) stage(t, Buffers());
+}
+
+// Blocks pay for reading U once per block; whole passes, for writing and reading back the
+// transformed tiles. Measured per layer of DCGAN: blocks win while U is small (C = 64).
+bool Blocked(const Geometry& g) { return kNN * g.K() * g.o * sizeof(float) <= (4 << 20); }
+
+void Forward(const Geometry& g, const float* x, const float* w, float* y) {
+  const int64_t K = g.K(), O = g.o, T = g.Tiles();
+  const float* u = TransformedKernel(g, w);
+  if (Blocked(g)) {
+    ForBlocks(g, [&](int64_t first, int64_t count, ThreadBuffers& b) {
+      float* v = Scratch::Resized(b.transformed, kNN * count * K);
+      float* m = Scratch::Resized(b.products, kNN * count * O);
+      for (int64_t t = 0; t < count; ++t) InputTile(g, x, first + t, v + t * K, count, b.scratch);
+      Multiply(GetProduct(count, K, O, false, false), v, u, m, b.scratchpad);
+      for (int64_t t = 0; t < count; ++t) OutputTile(g, m + t * O, count, first + t, y, b.scratch);
+    });
+    return;
+  }
+  static std::vector<float> v, m;
+  static std::vector<uint8_t> scratchpad;
+  float* pv = Scratch::Resized(v, kNN * T * K);
+  float* pm = Scratch::Resized(m, kNN * T * O);
+  ForTiles(T, [&](int64_t t, ThreadBuffers& b) { InputTile(g, x, t, pv + t * K, T, b.scratch); });
+  Multiply(GetProduct(T, K, O, false, false), pv, u, pm, scratchpad);
+  ForTiles(T, [&](int64_t t, ThreadBuffers& b) { OutputTile(g, pm + t * O, T, t, y, b.scratch); });
+}
+
+void BackwardData(const Geometry& g, const float* dy, const float* w, float* dx) {
+  const int64_t K = g.K(), O = g.o, T = g.Tiles();
+  const float* u = TransformedKernel(g, w);
+  if (Blocked(g)) {
+    ForBlocks(g, [&](int64_t first, int64_t count, ThreadBuffers& b) {
+      float* dm = Scratch::Resized(b.products, kNN * count * O);
+      float* dv = Scratch::Resized(b.transformed, kNN * count * K);
+      for (int64_t t = 0; t < count; ++t)
+        OutputTileBack(g, dy, first + t, dm + t * O, count, b.scratch);
+      Multiply(GetProduct(count, O, K, false, true), dm, u, dv, b.scratchpad);
+      const int64_t image_size = g.h * g.w * g.c, image = first / g.TilesPerImage();
+      std::fill(dx + image * image_size, dx + (image + count / g.TilesPerImage()) * image_size,
+                0.f);
+      for (int64_t t = 0; t < count; ++t)
+        InputTileBack(g, dv + t * K, count, first + t, dx, b.scratch);
+    });
+    return;
+  }
+  static std::vector<float> dm, dv;
+  static std::vector<uint8_t> scratchpad;
+  float* pdm = Scratch::Resized(dm, kNN * T * O);
+  float* pdv = Scratch::Resized(dv, kNN * T * K);
+  ForTiles(
+      T, [&](int64_t t, ThreadBuffers& b) { OutputTileBack(g, dy, t, pdm + t * O, T, b.scratch); });
+  Multiply(GetProduct(T, O, K, false, true), pdm, u, pdv, scratchpad);
+  // Tiles overlap: each image's are added in order by one thread.
+  const int64_t per_image = g.TilesPerImage(), image_size = g.h * g.w * g.c;
+  ForTiles(g.n, [&](int64_t image, ThreadBuffers& b) {
+    std::fill(dx + image * image_size, dx + (image + 1) * image_size, 0.f);
+    for (int64_t t = image * per_image; t < (image + 1) * per_image; ++t)
+      InputTileBack(g, pdv + t * K, T, t, dx, b.scratch);
+  });
+}
+
+// The kernel gradient sums over all tiles: one product with the tiles as the inner dimension.
+void BackwardWeights(const Geometry& g, const float* x, const float* dy, float* dw) {
+  const int64_t K = g.K(), O = g.o, T = g.Tiles();
+  static std::vector<float> v, dm, du;
+  float* pv = Scratch::Resized(v, kNN * T * K);
+  float* pdm = Scratch::Resized(dm, kNN * T * O);
+  float* pdu = Scratch::Resized(du, kNN * K * O);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    ThreadBuffers& b = Buffers();
+    InputTile(g, x, t, pv + t * K, T, b.scratch);
+    OutputTileBack(g, dy, t, pdm + t * O, T, b.scratch);
+  }
+  static std::vector<uint8_t> scratchpad;
+  Multiply(GetProduct(K, T, O, true, false), pv, pdm, pdu, scratchpad);
+  KernelTransform(g, dw, pdu, true);
+}
+
+}  // namespace winograd
+
+// Runs `task` on the worker and waits; its exceptions (oneDNN's errors) become the FFI's.
+ffi::Error OnWorker(const std::function<void()>& task) {
+  std::string failure;
+  Worker::Get().Run([&] {
+    try {
+      task();
+    } catch (const std::exception& error) {
+      failure = error.what();
+    }
+  });
+  if (failure.empty()) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN: " + failure);
+}
+
 // Runs `op` for `shape` with `args` (activations) and the kernel at `user_kernel` in the caller's
 // layout: reordered in before a forward or data-gradient pass, out after a kernel-gradient pass.
 // The scratchpad and the kernel's buffer are kept and reused (calls run one at a time): fresh ones
 // would be zeroed and page-faulted in on every call.
 ffi::Error Execute(Op op, const Shape& shape, std::unordered_map<int, memory> args,
                    void* user_kernel) {
-  std::string failure;
-  try {
+  return OnWorker([&] {
     const Plan& plan = GetPlan(op, shape);
-    Worker::Get().Run([&] {
-      try {
-        static std::vector<uint8_t> scratchpad, kernel;
-        if (scratchpad.size() < plan.scratchpad.get_size()) {
-          scratchpad.resize(plan.scratchpad.get_size());
-        }
-        if (kernel.size() < plan.kernel.get_size()) kernel.resize(plan.kernel.get_size());
-        dnnl::stream stream(Engine());
-        memory own = Wrap(plan.kernel, kernel.data()), user = Wrap(plan.user_kernel, user_kernel);
-        args.emplace(DNNL_ARG_SCRATCHPAD, Wrap(plan.scratchpad, scratchpad.data()));
-        if (op == Op::kBackwardWeights) {
-          args.emplace(DNNL_ARG_DIFF_WEIGHTS, own);
-          plan.primitive.execute(stream, args);
-          plan.reorder.execute(stream, own, user);
-        } else {
-          plan.reorder.execute(stream, user, own);
-          args.emplace(DNNL_ARG_WEIGHTS, own);
-          plan.primitive.execute(stream, args);
-        }
-        stream.wait();
-      } catch (const dnnl::error& error) {
-        failure = error.what();
-      }
-    });
-  } catch (const dnnl::error& error) {
-    failure = error.what();
-  }
-  if (failure.empty()) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN: " + failure);
+    static std::vector<uint8_t> scratchpad, kernel;
+    if (scratchpad.size() < plan.scratchpad.get_size()) {
+      scratchpad.resize(plan.scratchpad.get_size());
+    }
+    if (kernel.size() < plan.kernel.get_size()) kernel.resize(plan.kernel.get_size());
+    dnnl::stream stream(Engine());
+    memory own = Wrap(plan.kernel, kernel.data()), user = Wrap(plan.user_kernel, user_kernel);
+    args.emplace(DNNL_ARG_SCRATCHPAD, Wrap(plan.scratchpad, scratchpad.data()));
+    if (op == Op::kBackwardWeights) {
+      args.emplace(DNNL_ARG_DIFF_WEIGHTS, own);
+      plan.primitive.execute(stream, args);
+      plan.reorder.execute(stream, own, user);
+    } else {
+      plan.reorder.execute(stream, user, own);
+      args.emplace(DNNL_ARG_WEIGHTS, own);
+      plan.primitive.execute(stream, args);
+    }
+    stream.wait();
+  });
+}
+
+// Winograd's form runs float32 layers whose tiles fit, with at least 16 input channels (the
+// RGB layers run faster direct). GAN_WINOGRAD=0 turns it off (read at each call).
+bool UseWinograd(ffi::DataType data, ffi::DataType weights, ffi::Span<const int64_t> src) {
+  const char* flag = std::getenv("GAN_WINOGRAD");
+  if (flag && std::string(flag) == "0") return false;
+  return data == ffi::DataType::F32 && weights == ffi::DataType::F32 &&
+         winograd::Geometry::Fits(src[1], src[2]) && src[3] >= 16;
+}
+
+winograd::Geometry GeometryOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst) {
+  return winograd::Geometry{src[0], src[1], src[2], src[3], dst[3]};
 }
 
 Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst, ffi::DataType data,
               ffi::DataType weights) {
-  return Shape{src[0], src[1], src[2], src[3], dst[1], dst[2], dst[3], OneDnnType(data),
-               OneDnnType(weights)};
+  return Shape{src[0], src[1],           src[2],
+               src[3], dst[1],           dst[2],
+               dst[3], OneDnnType(data), OneDnnType(weights)};
 }
 
 ffi::Error Forward(ffi::AnyBuffer src, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dst) {
-  Shape shape = ShapeOf(src.dimensions(), dst->dimensions(), src.element_type(),
-                        kernel.element_type());
+  if (UseWinograd(src.element_type(), kernel.element_type(), src.dimensions())) {
+    winograd::Geometry g = GeometryOf(src.dimensions(), dst->dimensions());
+    return OnWorker([&] {
+      winograd::Forward(g, src.typed_data<float>(), kernel.typed_data<float>(),
+                        dst->typed_data<float>());
+    });
+  }
+  Shape shape =
+      ShapeOf(src.dimensions(), dst->dimensions(), src.element_type(), kernel.element_type());
   return Execute(Op::kForward, shape,
                  {{DNNL_ARG_SRC, Wrap(shape.Src(), src.untyped_data())},
                   {DNNL_ARG_DST, Wrap(shape.Dst(), dst->untyped_data())}},
@@ -210,6 +620,13 @@ ffi::Error Forward(ffi::AnyBuffer src, ffi::AnyBuffer kernel, ffi::Result<ffi::A
 
 ffi::Error BackwardData(ffi::AnyBuffer diff_dst, ffi::AnyBuffer kernel,
                         ffi::Result<ffi::AnyBuffer> diff_src) {
+  if (UseWinograd(diff_dst.element_type(), kernel.element_type(), diff_src->dimensions())) {
+    winograd::Geometry g = GeometryOf(diff_src->dimensions(), diff_dst.dimensions());
+    return OnWorker([&] {
+      winograd::BackwardData(g, diff_dst.typed_data<float>(), kernel.typed_data<float>(),
+                             diff_src->typed_data<float>());
+    });
+  }
   Shape shape = ShapeOf(diff_src->dimensions(), diff_dst.dimensions(), diff_dst.element_type(),
                         kernel.element_type());
   return Execute(Op::kBackwardData, shape,
@@ -220,6 +637,13 @@ ffi::Error BackwardData(ffi::AnyBuffer diff_dst, ffi::AnyBuffer kernel,
 
 ffi::Error BackwardWeights(ffi::AnyBuffer src, ffi::AnyBuffer diff_dst,
                            ffi::Result<ffi::AnyBuffer> diff_kernel) {
+  if (UseWinograd(src.element_type(), diff_kernel->element_type(), src.dimensions())) {
+    winograd::Geometry g = GeometryOf(src.dimensions(), diff_dst.dimensions());
+    return OnWorker([&] {
+      winograd::BackwardWeights(g, src.typed_data<float>(), diff_dst.typed_data<float>(),
+                                diff_kernel->typed_data<float>());
+    });
+  }
   Shape shape = ShapeOf(src.dimensions(), diff_dst.dimensions(), src.element_type(),
                         diff_kernel->element_type());
   return Execute(Op::kBackwardWeights, shape,
