@@ -412,6 +412,7 @@ const float* TransformedKernel(const Geometry& g, const float* w) {
     uint64_t used;
   };
   constexpr size_t kEntries = 8;
+  constexpr size_t kFloats = size_t{1} << 28;  // 1 GiB in all, however wide the layers
   static std::vector<Entry> cache;
   static uint64_t clock = 0;
   const int64_t size = 16 * g.c * g.o;
@@ -422,9 +423,15 @@ const float* TransformedKernel(const Geometry& g, const float* w) {
       return entry.transformed.data();
     }
   }
-  if (cache.size() < kEntries) cache.emplace_back();
-  Entry& entry = *std::min_element(cache.begin(), cache.end(),
+  size_t kept = size + kNN * g.K() * g.o;  // the new entry
+  for (const Entry& entry : cache) kept += entry.kernel.size() + entry.transformed.size();
+  while (!cache.empty() && (cache.size() >= kEntries || kept > kFloats)) {
+    auto oldest = std::min_element(cache.begin(), cache.end(),
                                    [](const Entry& a, const Entry& b) { return a.used < b.used; });
+    kept -= oldest->kernel.size() + oldest->transformed.size();
+    cache.erase(oldest);
+  }
+  Entry& entry = cache.emplace_back();
   entry.kernel.assign(w, w + size);
   entry.transformed.resize(kNN * g.K() * g.o);
   entry.used = ++clock;
