@@ -459,11 +459,11 @@ void ForBlocks(const Geometry& g, F block) {
   if (!failure.empty()) throw std::runtime_error(failure);
 }
 
-// Runs stage(t, buffers) for every tile t, split over the cores.
+// Runs stage(i, buffers) for i < count (tiles or images), split over the cores.
 template <typename F>
-void ForTiles(int64_t tiles, F stage) {
+void ForEach(int64_t count, F stage) {
 #pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) stage(t, Buffers());
+  for (int64_t i = 0; i < count; ++i) stage(i, Buffers());
 }
 
 // Blocks pay for reading U once per block; whole passes, for writing and reading back the
@@ -487,9 +487,9 @@ void Forward(const Geometry& g, const float* x, const float* w, float* y) {
   static std::vector<uint8_t> scratchpad;
   float* pv = Scratch::Resized(v, kNN * T * K);
   float* pm = Scratch::Resized(m, kNN * T * O);
-  ForTiles(T, [&](int64_t t, ThreadBuffers& b) { InputTile(g, x, t, pv + t * K, T, b.scratch); });
+  ForEach(T, [&](int64_t t, ThreadBuffers& b) { InputTile(g, x, t, pv + t * K, T, b.scratch); });
   Multiply(GetProduct(T, K, O, false, false), pv, u, pm, scratchpad);
-  ForTiles(T, [&](int64_t t, ThreadBuffers& b) { OutputTile(g, pm + t * O, T, t, y, b.scratch); });
+  ForEach(T, [&](int64_t t, ThreadBuffers& b) { OutputTile(g, pm + t * O, T, t, y, b.scratch); });
 }
 
 void BackwardData(const Geometry& g, const float* dy, const float* w, float* dx) {
@@ -514,12 +514,12 @@ void BackwardData(const Geometry& g, const float* dy, const float* w, float* dx)
   static std::vector<uint8_t> scratchpad;
   float* pdm = Scratch::Resized(dm, kNN * T * O);
   float* pdv = Scratch::Resized(dv, kNN * T * K);
-  ForTiles(
+  ForEach(
       T, [&](int64_t t, ThreadBuffers& b) { OutputTileBack(g, dy, t, pdm + t * O, T, b.scratch); });
   Multiply(GetProduct(T, O, K, false, true), pdm, u, pdv, scratchpad);
   // Tiles overlap: each image's are added in order by one thread.
   const int64_t per_image = g.TilesPerImage(), image_size = g.h * g.w * g.c;
-  ForTiles(g.n, [&](int64_t image, ThreadBuffers& b) {
+  ForEach(g.n, [&](int64_t image, ThreadBuffers& b) {
     std::fill(dx + image * image_size, dx + (image + 1) * image_size, 0.f);
     for (int64_t t = image * per_image; t < (image + 1) * per_image; ++t)
       InputTileBack(g, pdv + t * K, T, t, dx, b.scratch);
@@ -533,12 +533,10 @@ void BackwardWeights(const Geometry& g, const float* x, const float* dy, float* 
   float* pv = Scratch::Resized(v, kNN * T * K);
   float* pdm = Scratch::Resized(dm, kNN * T * O);
   float* pdu = Scratch::Resized(du, kNN * K * O);
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    ThreadBuffers& b = Buffers();
+  ForEach(T, [&](int64_t t, ThreadBuffers& b) {
     InputTile(g, x, t, pv + t * K, T, b.scratch);
     OutputTileBack(g, dy, t, pdm + t * O, T, b.scratch);
-  }
+  });
   static std::vector<uint8_t> scratchpad;
   Multiply(GetProduct(K, T, O, true, false), pv, pdm, pdu, scratchpad);
   KernelTransform(g, dw, pdu, true);
