@@ -402,16 +402,16 @@ ThreadBuffers& Buffers() {
   return buffers[omp_get_thread_num()];
 }
 
-// U for the kernel w, kept for the last few kernels and found again by value: within a step a
+// U for the kernel w, kept for the last 16 kernels and found again by value: within a step a
 // layer's kernel goes into up to six passes, and its transform costs more than a small layer's
 // products (it writes 25 / 16 times the kernel). U, in [25][4][C][O] order, is fixed by w's
 // numbers in order, whatever C and O.
 const float* TransformedKernel(const Geometry& g, const float* w) {
   struct Entry {
     std::vector<float> kernel, transformed;
-    uint64_t used;
+    uint64_t used = 0;
   };
-  constexpr size_t kEntries = 8;
+  constexpr size_t kEntries = 16;
   constexpr size_t kFloats = size_t{1} << 28;  // 1 GiB in all, however wide the layers
   static std::vector<Entry> cache;
   static uint64_t clock = 0;
@@ -423,19 +423,25 @@ const float* TransformedKernel(const Geometry& g, const float* w) {
       return entry.transformed.data();
     }
   }
-  size_t kept = size + kNN * g.K() * g.o;  // the new entry
-  for (const Entry& entry : cache) kept += entry.kernel.size() + entry.transformed.size();
-  while (!cache.empty() && (cache.size() >= kEntries || kept > kFloats)) {
-    auto oldest = std::min_element(cache.begin(), cache.end(),
-                                   [](const Entry& a, const Entry& b) { return a.used < b.used; });
-    kept -= oldest->kernel.size() + oldest->transformed.size();
-    cache.erase(oldest);
-  }
-  Entry& entry = cache.emplace_back();
+  // A new kernel takes the least recently used entry's place, and its memory (each step brings
+  // new kernels: fresh memory would be page-faulted in each time); then, should the cache hold
+  // over kFloats, other entries are emptied until it does not.
+  if (cache.size() < kEntries) cache.emplace_back();
+  auto oldest_first = [](const Entry& a, const Entry& b) { return a.used < b.used; };
+  Entry& entry = *std::min_element(cache.begin(), cache.end(), oldest_first);
   entry.kernel.assign(w, w + size);
   entry.transformed.resize(kNN * g.K() * g.o);
   entry.used = ++clock;
   KernelTransform(g, entry.kernel.data(), entry.transformed.data(), false);
+  auto held = [](const Entry& e) { return e.kernel.capacity() + e.transformed.capacity(); };
+  size_t kept = 0;
+  for (const Entry& e : cache) kept += held(e);
+  for (Entry& other : cache) {
+    if (kept <= kFloats) break;
+    if (&other == &entry) continue;
+    kept -= held(other);
+    other = Entry{};
+  }
   return entry.transformed.data();
 }
 
