@@ -613,54 +613,46 @@ Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst, ffi::D
                dst[3], OneDnnType(data), OneDnnType(weights)};
 }
 
-ffi::Error Forward(ffi::AnyBuffer src, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dst) {
-  if (UseWinograd(src.element_type(), kernel.element_type(), src.dimensions())) {
-    winograd::Geometry g = GeometryOf(src.dimensions(), dst->dimensions());
+// Runs `op` on the arrays of one call: `large` the convolution's input side (x, or its gradient),
+// `small` its output side (y, or its gradient), `kernel` the kernel or its gradient.
+ffi::Error Run(Op op, const ffi::AnyBuffer& large, const ffi::AnyBuffer& small,
+               const ffi::AnyBuffer& kernel) {
+  void *x = large.untyped_data(), *y = small.untyped_data(), *w = kernel.untyped_data();
+  if (UseWinograd(large.element_type(), kernel.element_type(), large.dimensions())) {
+    winograd::Geometry g = GeometryOf(large.dimensions(), small.dimensions());
+    auto f32 = [](void* data) { return static_cast<float*>(data); };
     return OnWorker([&] {
-      winograd::Forward(g, src.typed_data<float>(), kernel.typed_data<float>(),
-                        dst->typed_data<float>());
+      if (op == Op::kForward) winograd::Forward(g, f32(x), f32(w), f32(y));
+      if (op == Op::kBackwardData) winograd::BackwardData(g, f32(y), f32(w), f32(x));
+      if (op == Op::kBackwardWeights) winograd::BackwardWeights(g, f32(x), f32(y), f32(w));
     });
   }
   Shape shape =
-      ShapeOf(src.dimensions(), dst->dimensions(), src.element_type(), kernel.element_type());
-  return Execute(Op::kForward, shape,
-                 {{DNNL_ARG_SRC, Wrap(shape.Src(), src.untyped_data())},
-                  {DNNL_ARG_DST, Wrap(shape.Dst(), dst->untyped_data())}},
-                 kernel.untyped_data());
+      ShapeOf(large.dimensions(), small.dimensions(), large.element_type(), kernel.element_type());
+  memory large_side = Wrap(shape.Src(), x), small_side = Wrap(shape.Dst(), y);
+  std::unordered_map<int, memory> args;
+  if (op == Op::kForward) args = {{DNNL_ARG_SRC, large_side}, {DNNL_ARG_DST, small_side}};
+  if (op == Op::kBackwardData) {
+    args = {{DNNL_ARG_DIFF_SRC, large_side}, {DNNL_ARG_DIFF_DST, small_side}};
+  }
+  if (op == Op::kBackwardWeights) {
+    args = {{DNNL_ARG_SRC, large_side}, {DNNL_ARG_DIFF_DST, small_side}};
+  }
+  return Execute(op, shape, std::move(args), w);
+}
+
+ffi::Error Forward(ffi::AnyBuffer src, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dst) {
+  return Run(Op::kForward, src, *dst, kernel);
 }
 
 ffi::Error BackwardData(ffi::AnyBuffer diff_dst, ffi::AnyBuffer kernel,
                         ffi::Result<ffi::AnyBuffer> diff_src) {
-  if (UseWinograd(diff_dst.element_type(), kernel.element_type(), diff_src->dimensions())) {
-    winograd::Geometry g = GeometryOf(diff_src->dimensions(), diff_dst.dimensions());
-    return OnWorker([&] {
-      winograd::BackwardData(g, diff_dst.typed_data<float>(), kernel.typed_data<float>(),
-                             diff_src->typed_data<float>());
-    });
-  }
-  Shape shape = ShapeOf(diff_src->dimensions(), diff_dst.dimensions(), diff_dst.element_type(),
-                        kernel.element_type());
-  return Execute(Op::kBackwardData, shape,
-                 {{DNNL_ARG_DIFF_DST, Wrap(shape.Dst(), diff_dst.untyped_data())},
-                  {DNNL_ARG_DIFF_SRC, Wrap(shape.Src(), diff_src->untyped_data())}},
-                 kernel.untyped_data());
+  return Run(Op::kBackwardData, *diff_src, diff_dst, kernel);
 }
 
 ffi::Error BackwardWeights(ffi::AnyBuffer src, ffi::AnyBuffer diff_dst,
                            ffi::Result<ffi::AnyBuffer> diff_kernel) {
-  if (UseWinograd(src.element_type(), diff_kernel->element_type(), src.dimensions())) {
-    winograd::Geometry g = GeometryOf(src.dimensions(), diff_dst.dimensions());
-    return OnWorker([&] {
-      winograd::BackwardWeights(g, src.typed_data<float>(), diff_dst.typed_data<float>(),
-                                diff_kernel->typed_data<float>());
-    });
-  }
-  Shape shape = ShapeOf(src.dimensions(), diff_dst.dimensions(), src.element_type(),
-                        diff_kernel->element_type());
-  return Execute(Op::kBackwardWeights, shape,
-                 {{DNNL_ARG_SRC, Wrap(shape.Src(), src.untyped_data())},
-                  {DNNL_ARG_DIFF_DST, Wrap(shape.Dst(), diff_dst.untyped_data())}},
-                 diff_kernel->untyped_data());
+  return Run(Op::kBackwardWeights, src, diff_dst, *diff_kernel);
 }
 
 }  // namespace
