@@ -243,6 +243,36 @@ def test_onednn_winograd_form_equals_lax_and_differs_from_the_direct_one(shape, 
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_onednn_patch_form_of_rgb_data_gradients_equals_lax_and_differs_from_the_direct_one(
+  dtype, monkeypatch
+):
+  # Three channels on the large side: D's first layer's input gradient, and G's last layer (a
+  # transposed convolution, whose forward pass is that data gradient). Five images: a block of
+  # four and a short one.
+  x, kernel = _random_pair(11, 5, 16, 16, 3, 64)
+  y, kernel_t = _random_pair(12, 5, 8, 8, 64, 3)
+  cotangent = np.random.default_rng(13).standard_normal((5, 8, 8, 64), np.float32)
+  x, y, cotangent = (jnp.asarray(a, dtype) for a in (x, y, cotangent))
+
+  def passes():
+    dx = jax.vjp(layers.conv_k4s2_onednn, x, kernel)[1](cotangent)[0]
+    return [_f32(dx), _f32(layers.conv_transpose_k4s2_onednn(y, kernel_t))]
+
+  patches = passes()
+  # lax in float32 on the same bf16-rounded numbers (for bf16: sums in float32, then rounded).
+  low, low_t = (_f32(jnp.asarray(k, dtype)) for k in (kernel, kernel_t))
+  dx = jax.vjp(_strided_reference, _f32(x), low)[1](_f32(cotangent))[0]
+  tolerance = 2e-5 if dtype == jnp.float32 else 8e-3
+  _assert_near(patches, [dx, _reference(_f32(y), low_t)], tolerance)
+  monkeypatch.setenv("GAN_IM2COL", "0")
+  for ours, direct in zip(patches, passes(), strict=True):
+    if dtype == jnp.float32:
+      assert not np.array_equal(ours, direct)  # another algorithm ran
+    _assert_near([ours], [direct], tolerance)
+
+
+@needs_compiler
 def test_onednn_winograd_finds_each_kernels_transform_by_its_values():
   # More kernels of one shape than the handlers keep transformed, twice round; then one again
   # with changed numbers at the same place (XLA reuses buffers).

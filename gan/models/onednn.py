@@ -14,6 +14,11 @@ output takes 25 multiplications per channel pair in place of 64, as 25 matrix pr
 Its rounding error is a few times the direct convolution's (up to 1e-5 of the largest value,
 against 3e-6); `GAN_WINOGRAD=0` keeps oneDNN's direct convolutions.
 
+The data gradient of the RGB layers (under 16 channels on the large side: D's first layer, and
+G's last, whose forward pass it is) goes as one matrix product into the windows' gradients, which
+are then added back in place (col2im), in float32 and bf16: oneDNN's direct data gradient ran these
+thin layers 2-3x slower. `GAN_IM2COL=0` keeps the direct pass.
+
 Where oneDNN cannot be used (no g++, another platform, `GAN_ONEDNN=0` in the environment), the
 layers keep XLA's convolutions; `available()` says which, and why, once in the log.
 """

@@ -8,9 +8,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -18,6 +20,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -158,6 +161,88 @@ class Worker {
   std::thread thread_;
 };
 
+// Shared by the forms below: oneDNN's matrix products, per-thread buffers, parallel loops.
+
+// Scratch memory for one thread, kept between calls.
+struct Scratch {
+  std::vector<float> z, rows;
+  float* Z(int64_t size) { return Resized(z, size); }
+  float* Rows(int64_t size) { return Resized(rows, size); }
+  template <typename T>
+  static T* Resized(std::vector<T>& buffer, int64_t size) {
+    if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+    return buffer.data();
+  }
+};
+
+// `batch` products [rows, inner] x [inner, cols] of `in` operands (either stored transposed) into
+// `out`, accumulated in float32.
+struct Product {
+  dnnl::matmul primitive;
+  memory::desc a, b, c, scratchpad;
+};
+
+memory::desc Batched(int64_t batch, int64_t rows, int64_t cols, bool transposed,
+                     memory::data_type type) {
+  return memory::desc(
+      {batch, rows, cols}, type,
+      transposed ? memory::dims{rows * cols, 1, rows} : memory::dims{rows * cols, cols, 1});
+}
+
+const Product& GetProduct(int64_t batch, int64_t rows, int64_t inner, int64_t cols,
+                          bool a_transposed, bool b_transposed,
+                          memory::data_type in = memory::data_type::f32,
+                          memory::data_type out = memory::data_type::f32) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, memory::data_type,
+                             memory::data_type>,
+                  Product>
+      products;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto key = std::make_tuple(batch, rows, inner, cols, a_transposed, b_transposed, in, out);
+  auto found = products.find(key);
+  if (found != products.end()) return found->second;
+  Product p;
+  p.a = Batched(batch, rows, inner, a_transposed, in);
+  p.b = Batched(batch, inner, cols, b_transposed, in);
+  p.c = Batched(batch, rows, cols, false, out);
+  dnnl::matmul::primitive_desc desc(Engine(), p.a, p.b, p.c, UserScratchpad());
+  p.primitive = dnnl::matmul(desc);
+  p.scratchpad = desc.scratchpad_desc();
+  return products.emplace(key, std::move(p)).first->second;
+}
+
+// Computes c = a b (on the calling thread alone when called inside a parallel region).
+void Multiply(const Product& p, const void* a, const void* b, void* c,
+              std::vector<uint8_t>& scratchpad) {
+  if (scratchpad.size() < p.scratchpad.get_size()) scratchpad.resize(p.scratchpad.get_size());
+  dnnl::stream stream(Engine());
+  p.primitive.execute(stream, {{DNNL_ARG_SRC, Wrap(p.a, const_cast<void*>(a))},
+                               {DNNL_ARG_WEIGHTS, Wrap(p.b, const_cast<void*>(b))},
+                               {DNNL_ARG_DST, Wrap(p.c, c)},
+                               {DNNL_ARG_SCRATCHPAD, Wrap(p.scratchpad, scratchpad.data())}});
+  stream.wait();
+}
+
+// Per-thread buffers, kept between calls.
+struct ThreadBuffers {
+  Scratch scratch;
+  std::vector<float> transformed, products;
+  std::vector<uint8_t> scratchpad;
+};
+
+ThreadBuffers& Buffers() {
+  static std::vector<ThreadBuffers> buffers(omp_get_max_threads());
+  return buffers[omp_get_thread_num()];
+}
+
+// Runs stage(i, buffers) for i < count (tiles or images), split over the cores.
+template <typename F>
+void ForEach(int64_t count, F stage) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < count; ++i) stage(i, Buffers());
+}
+
 // Winograd F(4x4, 2x2) for float32.
 //
 // The k4-s2 convolution is a k2-s1 convolution of z = space-to-depth(pad(x, 1)) (K = 4C channels
@@ -239,17 +324,6 @@ struct Geometry {
   T* YAt(T* y, int64_t t, int p, int q) const {
     const int64_t image = t / TilesPerImage(), tile_row = t / TileCols() % TileRows();
     return y + ((image * h / 2 + tile_row * kM + p) * (w / 2) + t % TileCols() * kM + q) * o;
-  }
-};
-
-// Scratch memory for one thread, kept between calls.
-struct Scratch {
-  std::vector<float> z, rows;
-  float* Z(int64_t size) { return Resized(z, size); }
-  float* Rows(int64_t size) { return Resized(rows, size); }
-  static float* Resized(std::vector<float>& buffer, int64_t size) {
-    if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-    return buffer.data();
   }
 };
 
@@ -348,60 +422,6 @@ void KernelTransform(const Geometry& g, float* w, float* u, bool back) {
   }
 }
 
-// 25 products [rows, inner] x [inner, cols], either operand stored transposed.
-struct Product {
-  dnnl::matmul primitive;
-  memory::desc a, b, c, scratchpad;
-};
-
-memory::desc Batched(int64_t rows, int64_t cols, bool transposed) {
-  return memory::desc(
-      {kNN, rows, cols}, memory::data_type::f32,
-      transposed ? memory::dims{rows * cols, 1, rows} : memory::dims{rows * cols, cols, 1});
-}
-
-const Product& GetProduct(int64_t rows, int64_t inner, int64_t cols, bool a_transposed,
-                          bool b_transposed) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Product> products;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto key = std::make_tuple(rows, inner, cols, a_transposed, b_transposed);
-  auto found = products.find(key);
-  if (found != products.end()) return found->second;
-  Product p;
-  p.a = Batched(rows, inner, a_transposed);
-  p.b = Batched(inner, cols, b_transposed);
-  p.c = Batched(rows, cols, false);
-  dnnl::matmul::primitive_desc desc(Engine(), p.a, p.b, p.c, UserScratchpad());
-  p.primitive = dnnl::matmul(desc);
-  p.scratchpad = desc.scratchpad_desc();
-  return products.emplace(key, std::move(p)).first->second;
-}
-
-// Computes c = a b (on the calling thread alone when called inside a parallel region).
-void Multiply(const Product& p, const float* a, const float* b, float* c,
-              std::vector<uint8_t>& scratchpad) {
-  if (scratchpad.size() < p.scratchpad.get_size()) scratchpad.resize(p.scratchpad.get_size());
-  dnnl::stream stream(Engine());
-  p.primitive.execute(stream, {{DNNL_ARG_SRC, Wrap(p.a, const_cast<float*>(a))},
-                               {DNNL_ARG_WEIGHTS, Wrap(p.b, const_cast<float*>(b))},
-                               {DNNL_ARG_DST, Wrap(p.c, c)},
-                               {DNNL_ARG_SCRATCHPAD, Wrap(p.scratchpad, scratchpad.data())}});
-  stream.wait();
-}
-
-// Per-thread buffers, kept between calls.
-struct ThreadBuffers {
-  Scratch scratch;
-  std::vector<float> transformed, products;
-  std::vector<uint8_t> scratchpad;
-};
-
-ThreadBuffers& Buffers() {
-  static std::vector<ThreadBuffers> buffers(omp_get_max_threads());
-  return buffers[omp_get_thread_num()];
-}
-
 // U for the kernel w, kept for the last 16 kernels and found again by value: within a step a
 // layer's kernel goes into up to six passes, and its transform costs more than a small layer's
 // products (it writes 25 / 16 times the kernel). U, in [25][4][C][O] order, is fixed by w's
@@ -465,13 +485,6 @@ void ForBlocks(const Geometry& g, F block) {
   if (!failure.empty()) throw std::runtime_error(failure);
 }
 
-// Runs stage(i, buffers) for i < count (tiles or images), split over the cores.
-template <typename F>
-void ForEach(int64_t count, F stage) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < count; ++i) stage(i, Buffers());
-}
-
 // Blocks pay for reading U once per block; whole passes, for writing and reading back the
 // transformed tiles. Measured per layer of DCGAN: blocks win while U is small (C = 64).
 bool Blocked(const Geometry& g) { return kNN * g.K() * g.o * sizeof(float) <= (4 << 20); }
@@ -484,7 +497,7 @@ void Forward(const Geometry& g, const float* x, const float* w, float* y) {
       float* v = Scratch::Resized(b.transformed, kNN * count * K);
       float* m = Scratch::Resized(b.products, kNN * count * O);
       for (int64_t t = 0; t < count; ++t) InputTile(g, x, first + t, v + t * K, count, b.scratch);
-      Multiply(GetProduct(count, K, O, false, false), v, u, m, b.scratchpad);
+      Multiply(GetProduct(kNN, count, K, O, false, false), v, u, m, b.scratchpad);
       for (int64_t t = 0; t < count; ++t) OutputTile(g, m + t * O, count, first + t, y, b.scratch);
     });
     return;
@@ -494,7 +507,7 @@ void Forward(const Geometry& g, const float* x, const float* w, float* y) {
   float* pv = Scratch::Resized(v, kNN * T * K);
   float* pm = Scratch::Resized(m, kNN * T * O);
   ForEach(T, [&](int64_t t, ThreadBuffers& b) { InputTile(g, x, t, pv + t * K, T, b.scratch); });
-  Multiply(GetProduct(T, K, O, false, false), pv, u, pm, scratchpad);
+  Multiply(GetProduct(kNN, T, K, O, false, false), pv, u, pm, scratchpad);
   ForEach(T, [&](int64_t t, ThreadBuffers& b) { OutputTile(g, pm + t * O, T, t, y, b.scratch); });
 }
 
@@ -507,7 +520,7 @@ void BackwardData(const Geometry& g, const float* dy, const float* w, float* dx)
       float* dv = Scratch::Resized(b.transformed, kNN * count * K);
       for (int64_t t = 0; t < count; ++t)
         OutputTileBack(g, dy, first + t, dm + t * O, count, b.scratch);
-      Multiply(GetProduct(count, O, K, false, true), dm, u, dv, b.scratchpad);
+      Multiply(GetProduct(kNN, count, O, K, false, true), dm, u, dv, b.scratchpad);
       const int64_t image_size = g.h * g.w * g.c, image = first / g.TilesPerImage();
       std::fill(dx + image * image_size, dx + (image + count / g.TilesPerImage()) * image_size,
                 0.f);
@@ -522,7 +535,7 @@ void BackwardData(const Geometry& g, const float* dy, const float* w, float* dx)
   float* pdv = Scratch::Resized(dv, kNN * T * K);
   ForEach(
       T, [&](int64_t t, ThreadBuffers& b) { OutputTileBack(g, dy, t, pdm + t * O, T, b.scratch); });
-  Multiply(GetProduct(T, O, K, false, true), pdm, u, pdv, scratchpad);
+  Multiply(GetProduct(kNN, T, O, K, false, true), pdm, u, pdv, scratchpad);
   // Tiles overlap: each image's are added in order by one thread.
   const int64_t per_image = g.TilesPerImage(), image_size = g.h * g.w * g.c;
   ForEach(g.n, [&](int64_t image, ThreadBuffers& b) {
@@ -544,11 +557,105 @@ void BackwardWeights(const Geometry& g, const float* x, const float* dy, float* 
     OutputTileBack(g, dy, t, pdm + t * O, T, b.scratch);
   });
   static std::vector<uint8_t> scratchpad;
-  Multiply(GetProduct(K, T, O, true, false), pv, pdm, pdu, scratchpad);
+  Multiply(GetProduct(kNN, K, T, O, true, false), pv, pdm, pdu, scratchpad);
   KernelTransform(g, dw, pdu, true);
 }
 
 }  // namespace winograd
+
+// The data gradient of the RGB layers (under 16 channels on the large side: G's last layer, whose
+// forward pass it is, and D's first) as one matrix product and its sum back into place (col2im).
+//
+// oneDNN's direct data gradient ran these thin layers at 30-60 GFLOP/s here, against 240-480 for
+// the middle layers. With the kernel as a [16 C, O] matrix W (HWIO's rows are (kh, kw, c)), row
+// (n, i, j) of dP = dy W^T holds the gradient of the 4 x 4 x C window of x under output pixel
+// (n, i, j); dx adds each window back in place. The product accumulates in float32, as the direct
+// pass does, and so does the sum. (Their forward and kernel-gradient passes, as products of
+// gathered windows, measured no faster than oneDNN's direct ones.)
+namespace patches {
+
+// x [n, h, w, c] -> y [n, h/2, w/2, o]; images go in blocks of kImages per product.
+struct Geometry {
+  int64_t n, h, w, c, o;
+
+  static constexpr int64_t kImages = 4;
+  int64_t Pixels() const { return h / 2 * (w / 2); }  // rows of dP per image
+  int64_t Columns() const { return 16 * c; }
+  int64_t Blocks() const { return (n + kImages - 1) / kImages; }
+};
+
+// bfloat16 is stored as the high half of a float32 (rounded to nearest even).
+uint16_t ToBf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if (std::isnan(value)) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// dx for `images` images from `first`: each row of dP added over its window, in float32 (`sum`,
+// one image), then stored in dx's type. Along a row of the kernel the four taps lie side by side,
+// in dP's row and in the image: 4 C numbers at once, but at the image's edges.
+template <typename T>
+void Scatter(const Geometry& g, const float* dp, int64_t first, int64_t images, T* dx,
+             std::vector<float>& sum) {
+  const int64_t oh = g.h / 2, ow = g.w / 2, c = g.c, size = g.h * g.w * c;
+  float* image_sum = Scratch::Resized(sum, size);
+  for (int64_t image = first; image < first + images; ++image) {
+    std::fill(image_sum, image_sum + size, 0.f);
+    for (int64_t i = 0; i < oh; ++i)
+      for (int64_t j = 0; j < ow; ++j, dp += g.Columns())
+        for (int kh = 0; kh < 4; ++kh) {
+          const int64_t row = 2 * i + kh - 1;
+          if (row < 0 || row >= g.h) continue;
+          float* out = image_sum + (row * g.w + 2 * j - 1) * c;
+          const float* in = dp + kh * 4 * c;
+          const int64_t begin = j == 0 ? c : 0, end = j == ow - 1 ? 3 * c : 4 * c;
+          for (int64_t k = begin; k < end; ++k) out[k] += in[k];
+        }
+    T* out = dx + image * size;
+    for (int64_t k = 0; k < size; ++k) {
+      if constexpr (std::is_same_v<T, float>) {
+        out[k] = image_sum[k];
+      } else {
+        out[k] = ToBf16(image_sum[k]);
+      }
+    }
+  }
+}
+
+// dx from dy, with the float32 kernel w (converted for bfloat16 compute: T is float or uint16_t).
+template <typename T>
+void BackwardData(const Geometry& g, const T* dy, const float* w, T* dx) {
+  const memory::data_type data =
+      std::is_same_v<T, float> ? memory::data_type::f32 : memory::data_type::bf16;
+  const void* kernel = w;
+  static std::vector<uint16_t> bf16;
+  if constexpr (!std::is_same_v<T, float>) {
+    bf16.resize(g.Columns() * g.o);
+    for (size_t k = 0; k < bf16.size(); ++k) bf16[k] = ToBf16(w[k]);
+    kernel = bf16.data();
+  }
+  std::string failure;  // exceptions must not leave a parallel region
+#pragma omp parallel for schedule(static)
+  for (int64_t block = 0; block < g.Blocks(); ++block) {
+    const int64_t first = block * Geometry::kImages;
+    const int64_t images = std::min(Geometry::kImages, g.n - first);
+    ThreadBuffers& b = Buffers();
+    try {
+      float* dp = Scratch::Resized(b.products, images * g.Pixels() * g.Columns());
+      const Product& product = GetProduct(1, images * g.Pixels(), g.o, g.Columns(), false, true,
+                                          data, memory::data_type::f32);
+      Multiply(product, dy + first * g.Pixels() * g.o, kernel, dp, b.scratchpad);
+      Scatter(g, dp, first, images, dx, b.scratch.z);
+    } catch (const std::exception& error) {
+#pragma omp critical
+      failure = error.what();
+    }
+  }
+  if (!failure.empty()) throw std::runtime_error(failure);
+}
+
+}  // namespace patches
 
 // Runs `task` on the worker and waits; its exceptions (oneDNN's errors) become the FFI's.
 ffi::Error OnWorker(const std::function<void()>& task) {
@@ -602,6 +709,14 @@ bool UseWinograd(ffi::DataType data, ffi::DataType weights, ffi::Span<const int6
          winograd::Geometry::Fits(src[1], src[2]) && src[3] >= 16;
 }
 
+// The data gradient of layers with under 16 channels on the large side and a float32 kernel goes by
+// `patches`. GAN_IM2COL=0 turns it off (read at each call).
+bool UsePatches(Op op, ffi::Span<const int64_t> src, ffi::DataType weights) {
+  const char* flag = std::getenv("GAN_IM2COL");
+  if (flag && std::string(flag) == "0") return false;
+  return op == Op::kBackwardData && src[3] < 16 && weights == ffi::DataType::F32;
+}
+
 winograd::Geometry GeometryOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst) {
   return winograd::Geometry{src[0], src[1], src[2], src[3], dst[3]};
 }
@@ -629,6 +744,19 @@ ffi::Error Run(Op op, const ffi::AnyBuffer& large, const ffi::AnyBuffer& small,
   }
   Shape shape =
       ShapeOf(large.dimensions(), small.dimensions(), large.element_type(), kernel.element_type());
+  if (UsePatches(op, large.dimensions(), kernel.element_type())) {
+    ffi::Span<const int64_t> src = large.dimensions();
+    patches::Geometry g{src[0], src[1], src[2], src[3], small.dimensions()[3]};
+    return OnWorker([&] {
+      if (shape.data == memory::data_type::f32) {
+        patches::BackwardData(g, static_cast<float*>(y), static_cast<float*>(w),
+                              static_cast<float*>(x));
+      } else {
+        patches::BackwardData(g, static_cast<uint16_t*>(y), static_cast<float*>(w),
+                              static_cast<uint16_t*>(x));
+      }
+    });
+  }
   memory large_side = Wrap(shape.Src(), x), small_side = Wrap(shape.Dst(), y);
   std::unordered_map<int, memory> args;
   if (op == Op::kForward) args = {{DNNL_ARG_SRC, large_side}, {DNNL_ARG_DST, small_side}};
