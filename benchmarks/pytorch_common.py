@@ -144,6 +144,42 @@ def _device_report(device: torch.device) -> dict:
   }
 
 
+def _device() -> torch.device:
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if device.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+  return device
+
+
+def _synchronize(device: torch.device) -> None:
+  if device.type == "cuda":
+    torch.cuda.synchronize()
+
+
+def step_block(
+  build: Callable[[Mapping], tuple[nn.Module, nn.Module]],
+  config: Mapping,
+  *,
+  steps: int,
+  autocast_dtype: torch.dtype | None,
+) -> Callable[[], None]:
+  """A block of `steps` train steps on one fixed batch, from freshly built networks after two
+  warm-up steps, that waits for its results: for timing side by side with ours."""
+  device = _device()
+  batch_size, resolution = config["train"]["batch_size"], config["data"]["resolution"]
+  real = (torch.rand(batch_size, 3, resolution, resolution) * 2 - 1).to(device)
+  step = TrainStep(*(net.to(device) for net in build(config)), config, autocast_dtype)
+  for _ in range(2):  # warm-up: first-call allocations and kernel choices
+    step(real)
+
+  def block() -> None:
+    for _ in range(steps):
+      step(real)
+    _synchronize(device)
+
+  return block
+
+
 def benchmark(
   build: Callable[[Mapping], tuple[nn.Module, nn.Module]],
   config: Mapping,
@@ -160,13 +196,8 @@ def benchmark(
     step and images per second.
   """
   threads = set_threads()
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  if device.type == "cuda":
-    torch.backends.cudnn.benchmark = True
-  synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+  device = _device()
   torch.manual_seed(config["train"]["seed"])
-  batch_size, resolution = config["train"]["batch_size"], config["data"]["resolution"]
-  real = (torch.rand(batch_size, 3, resolution, resolution) * 2 - 1).to(device)
   generator, discriminator = build(config)
   report = {
     "torch_version": torch.__version__,
@@ -176,18 +207,13 @@ def benchmark(
     "discriminator_params": count_params(discriminator),
   }
   for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-    step = TrainStep(*(net.to(device) for net in build(config)), config, autocast_dtype=dtype)
-    for _ in range(2):  # warm-up: first-call allocations and kernel choices
-      step(real)
-    synchronize()
+    block = step_block(build, config, steps=steps, autocast_dtype=dtype)
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
-      for _ in range(steps):
-        step(real)
-      synchronize()
+      block()
       times.append((time.perf_counter() - start) / steps)
     seconds = statistics.median(times)
     report[f"step_seconds_median_{precision}"] = seconds
-    report[f"images_per_second_{precision}"] = batch_size / seconds
+    report[f"images_per_second_{precision}"] = config["train"]["batch_size"] / seconds
   return report

@@ -8,7 +8,7 @@ BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), DCGAN init: weights 
 scales N(1, 0.02), biases 0. Images are NCHW, PyTorch's default layout.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -84,3 +84,8 @@ def build(config: Mapping) -> tuple[Generator, Discriminator]:
 def benchmark(config: Mapping, *, repeats: int, steps: int) -> dict:
   """Images per second of the train step in float32 and bfloat16 autocast; see pytorch_common."""
   return pytorch_common.benchmark(build, config, repeats=repeats, steps=steps)
+
+
+def step_block(config: Mapping, *, steps: int, autocast_dtype=None) -> Callable[[], None]:
+  """A block of `steps` train steps that waits for its results; see pytorch_common."""
+  return pytorch_common.step_block(build, config, steps=steps, autocast_dtype=autocast_dtype)

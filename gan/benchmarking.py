@@ -103,12 +103,23 @@ def count_flops(nets: train.Networks, config: ml_collections.ConfigDict, args) -
     return None
 
 
-def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: int) -> dict:
+def time_train_step(
+  config: ml_collections.ConfigDict,
+  *,
+  repeats: int,
+  steps: int,
+  versus: Callable[[], None] | None = None,
+) -> dict:
   """Compiles the trainer's step and times `repeats` blocks of `steps` steps after a warm-up.
+
+  With `versus` (another implementation's block of `steps` steps of the same batch size), each
+  of our blocks is followed by one of its blocks, so that both see the machine alike: a shared
+  machine's speed drifts over minutes, and timing one side after the other measures the drift.
 
   Returns:
     compile_seconds, step_seconds_median, step_images_per_second, flops_per_step (None when XLA
-    does not count them) and achieved_flops_per_second.
+    does not count them) and achieved_flops_per_second; with `versus`, also `interleaved`: its
+    median step seconds and images/s, and the median over the pairs of blocks of our speed-up.
   """
   mesh = parallel.create_mesh(config.mesh.data_axis_size)  # the trainer's placement
   parallel.check_batch_size(config.train.batch_size, mesh)
@@ -139,13 +150,24 @@ def time_train_step(config: ml_collections.ConfigDict, *, repeats: int, steps: i
       state, metrics = compiled(state, batch, key)
     jax.block_until_ready((state, metrics))
 
-  step_seconds = median_seconds(block, repeats) / steps
+  report = {"mesh_devices": mesh.size, "compile_seconds": compile_seconds, "flops_per_step": flops}
+  if versus is None:
+    step_seconds = median_seconds(block, repeats) / steps
+  else:
+    ours, theirs = [], []
+    for _ in range(repeats):
+      ours.append(median_seconds(block, 1) / steps)
+      theirs.append(median_seconds(versus, 1) / steps)
+    step_seconds, versus_seconds = statistics.median(ours), statistics.median(theirs)
+    report["interleaved"] = {
+      "versus_step_seconds_median": versus_seconds,
+      "versus_images_per_second": batch_size / versus_seconds,
+      "speedup_median": statistics.median(t / o for o, t in zip(ours, theirs, strict=True)),
+    }
   return {
-    "mesh_devices": mesh.size,
-    "compile_seconds": compile_seconds,
+    **report,
     "step_seconds_median": step_seconds,
     "step_images_per_second": batch_size / step_seconds,
-    "flops_per_step": flops,
     "achieved_flops_per_second": flops and flops / step_seconds,
   }
 
@@ -251,8 +273,10 @@ def run(
   steps: int,
   input_batches: int,
   loop_steps: int = 0,
+  versus: Callable[[], None] | None = None,
 ) -> dict:
-  """Everything scripts/benchmark.py reports, as a JSON-ready dict.
+  """Everything scripts/benchmark.py reports, as a JSON-ready dict; `versus` as for
+  `time_train_step`.
 
   The input pipeline is timed last, so its threads take no cores from the rest; a data source
   that cannot be read, or input_batches=0, leaves input_pipeline_images_per_second None and says
@@ -289,7 +313,7 @@ def run(
   }
   # The ceiling of the config's compute dtype: a bf16 step against bf16 matmuls.
   ceiling = matmul_ceiling(repeats, dtype=jnp.dtype(config.model.dtype))
-  report.update(time_train_step(config, repeats=repeats, steps=steps))
+  report.update(time_train_step(config, repeats=repeats, steps=steps, versus=versus))
   achieved = report["achieved_flops_per_second"]
   report["matmul_ceiling_flops_per_second"] = ceiling
   report["matmul_ceiling_dtype"] = jnp.dtype(config.model.dtype).name

@@ -7,7 +7,9 @@ Times the compile and the steps of the trainer's jitted train step on one fixed 
 FLOP/s it reaches against the best of a float32 matmul here, and the input pipeline on its own;
 --loop_steps also runs the trainer and reports its time to the first step and what the loop adds.
 --vs-pytorch also times the same networks and train step in PyTorch (benchmarks/pytorch_*.py),
-in float32 and with bfloat16 autocast; it needs `pip install torch==2.13.0` (the CPU build).
+in float32 and with bfloat16 autocast, each after ours; and, in the config's precision, its
+blocks of steps alternating with ours (`pytorch.interleaved`), which a shared machine's drifting
+speed affects alike. It needs `pip install torch==2.13.0` (the CPU build).
 """
 
 import contextlib
@@ -60,11 +62,27 @@ def _check_pytorch(family: str) -> None:
     )
 
 
-def _time_pytorch(config, jax_images_per_second: float) -> dict:
-  """The PyTorch twin's report for config.model.name, with our speed-up over it."""
+def _pytorch_twin(config):
+  """benchmarks/pytorch_<config.model.name>.py."""
   sys.path.insert(0, ROOT)  # benchmarks/ is not part of the installed package
   # Imported only now: it sets PyTorch's OpenMP wait policy before torch loads.
-  twin = importlib.import_module(f"benchmarks.pytorch_{config.model.name}")
+  return importlib.import_module(f"benchmarks.pytorch_{config.model.name}")
+
+
+def _pytorch_block(config):
+  """The PyTorch twin's block of --steps train steps in the config's precision (bf16 autocast
+  for model.dtype=bfloat16), to alternate with ours."""
+  twin = _pytorch_twin(config)
+  torch = importlib.import_module("torch")
+  twin.pytorch_common.set_threads()
+  torch.manual_seed(config.train.seed)
+  autocast = torch.bfloat16 if config.model.dtype == "bfloat16" else None
+  return twin.step_block(config.to_dict(), steps=_STEPS.value, autocast_dtype=autocast)
+
+
+def _time_pytorch(config, jax_images_per_second: float) -> dict:
+  """The PyTorch twin's report for config.model.name, with our speed-up over it."""
+  twin = _pytorch_twin(config)
   logging.info("Timing the PyTorch twin of %s", config.model.name)
   report = twin.benchmark(config.to_dict(), repeats=_REPEATS.value, steps=_STEPS.value)
   for precision in ("fp32", "bf16"):
@@ -78,8 +96,10 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
+  versus = None
   if _VS_PYTORCH.value:
     _check_pytorch(config.model.name)  # before a whole JAX benchmark, not after it
+    versus = _pytorch_block(config)
   report = {
     "config": config_flags.get_config_filename(flags.FLAGS["config"]),
     "overrides": config_flags.get_override_values(flags.FLAGS["config"]),
@@ -93,10 +113,13 @@ def main(argv):
         steps=_STEPS.value,
         input_batches=_INPUT_BATCHES.value,
         loop_steps=_LOOP_STEPS.value,
+        versus=versus,
       )
     )
     if _VS_PYTORCH.value:
+      interleaved = report.pop("interleaved")
       report["pytorch"] = _time_pytorch(config, report["step_images_per_second"])
+      report["pytorch"]["interleaved"] = {"dtype": config.model.dtype, **interleaved}
   print(json.dumps(report, indent=2))
 
 

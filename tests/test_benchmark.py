@@ -114,6 +114,36 @@ def test_without_the_cache_the_pipeline_has_one_rate():
   assert rates["input_pipeline_cached_images_per_second"] is None
 
 
+def test_a_versus_block_alternates_with_ours_and_the_speedup_is_the_median_pair(monkeypatch):
+  config = tiny_config("dcgan")
+  versus_calls = []
+
+  def versus():
+    versus_calls.append(1)
+
+  # Block seconds as a drifting machine might give them (2 steps per block): the pairs' ratios
+  # are 2, 1 and 3, whose median (2) is not the ratio of the medians (0.4 / 0.3).
+  fake_seconds = {"ours": iter([0.2, 0.4, 0.3]), "versus": iter([0.4, 0.4, 0.9])}
+  order, median_seconds = [], benchmarking.median_seconds
+
+  def timed(block, repeats):
+    side = "versus" if block is versus else "ours"
+    order.append(side)
+    median_seconds(block, repeats)  # the block still runs
+    return next(fake_seconds[side])
+
+  monkeypatch.setattr(benchmarking, "median_seconds", timed)
+  result = benchmarking.time_train_step(config, repeats=3, steps=2, versus=versus)
+  assert order == ["ours", "versus"] * 3 and len(versus_calls) == 3
+  assert result["step_seconds_median"] == pytest.approx(0.15)
+  interleaved = result["interleaved"]
+  assert interleaved["versus_step_seconds_median"] == pytest.approx(0.2)
+  assert interleaved["versus_images_per_second"] == pytest.approx(config.train.batch_size / 0.2)
+  assert interleaved["speedup_median"] == pytest.approx(2.0)
+  monkeypatch.undo()
+  assert "interleaved" not in benchmarking.time_train_step(config, repeats=1, steps=1)
+
+
 def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline():
   config = tiny_config("dcgan", checkpoint__every=1000, eval__every=500)
   result = benchmarking.run(config, repeats=1, steps=1, input_batches=0, loop_steps=6)
@@ -192,6 +222,24 @@ def test_pytorch_twin_has_the_parameter_counts_of_ours(family, arg):
   generator, discriminator = twin.build(config.to_dict())
   counts = (pytorch_common.count_params(generator), pytorch_common.count_params(discriminator))
   assert counts == benchmarking.parameter_counts(config)
+
+
+def test_vs_pytorch_also_alternates_its_blocks_with_ours_in_the_configs_precision():
+  pytest.importorskip("torch")
+  result = run_script(
+    "benchmark.py",
+    *TINY_DCGAN,
+    "--input_batches=0",
+    "--config.model.dtype=bfloat16",
+    "--vs-pytorch",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  pytorch = json.loads(result.stdout)["pytorch"]
+  interleaved = pytorch["interleaved"]
+  assert interleaved["dtype"] == "bfloat16"
+  for name in ("versus_step_seconds_median", "versus_images_per_second", "speedup_median"):
+    assert 0 < interleaved[name] < math.inf, name
+  assert pytorch["images_per_second_bf16"] > 0
 
 
 @pytest.mark.parametrize("family", ["dcgan", "dense"])
