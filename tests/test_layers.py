@@ -415,6 +415,22 @@ def test_mixed_dot_is_the_bf16_product_and_its_gradients_are_accumulated_in_floa
   np.testing.assert_allclose(dkernel, _f32(x).T @ _f32(cotangent), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_bias_sums_the_bias_gradient_in_float32_into_the_bias_dtype(dtype):
+  rng = np.random.default_rng(14)
+  y = jnp.asarray(rng.standard_normal((8, 16, 16, 5)), dtype)
+  bias = jnp.asarray(rng.standard_normal(5), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal(y.shape), dtype)
+  out, vjp = jax.vjp(layers.add_bias, y, bias)
+  dy, dbias = vjp(cotangent)
+  assert (out.dtype, dy.dtype, dbias.dtype) == (dtype, dtype, jnp.float32)
+  np.testing.assert_array_equal(_f32(out), _f32(y + bias.astype(dtype)))
+  np.testing.assert_array_equal(_f32(dy), _f32(cotangent))
+  # The float32 sum of the (bf16) cotangent, not rounded to bf16 on the way (about 4e-3).
+  expected = _f32(cotangent).astype(np.float64).sum(axis=(0, 1, 2))
+  np.testing.assert_allclose(dbias, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_linear_is_nnx_linear_in_float32_and_in_bfloat16_follows_it():
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 24))  # any leading axes, as nnx.Linear
   for dtype in (None, jnp.bfloat16):
