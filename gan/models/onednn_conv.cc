@@ -236,11 +236,21 @@ ThreadBuffers& Buffers() {
   return buffers[omp_get_thread_num()];
 }
 
-// Runs stage(i, buffers) for i < count (tiles or images), split over the cores.
+// Runs stage(i, buffers) for i < count (tiles, images or blocks), split over the cores; an
+// exception (oneDNN's) is thrown again after the loop, since none may leave a parallel region.
 template <typename F>
 void ForEach(int64_t count, F stage) {
+  std::string failure;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < count; ++i) stage(i, Buffers());
+  for (int64_t i = 0; i < count; ++i) {
+    try {
+      stage(i, Buffers());
+    } catch (const std::exception& error) {
+#pragma omp critical
+      failure = error.what();
+    }
+  }
+  if (!failure.empty()) throw std::runtime_error(failure);
 }
 
 // Winograd F(4x4, 2x2) for float32.
@@ -470,19 +480,10 @@ const float* TransformedKernel(const Geometry& g, const float* w) {
 template <typename F>
 void ForBlocks(const Geometry& g, F block) {
   const int64_t images = std::max<int64_t>(1, 32 / g.TilesPerImage());
-  const int64_t blocks = (g.n + images - 1) / images;
-  std::string failure;  // exceptions must not leave a parallel region
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < blocks; ++i) {
+  ForEach((g.n + images - 1) / images, [&](int64_t i, ThreadBuffers& b) {
     const int64_t first = i * images * g.TilesPerImage();
-    try {
-      block(first, std::min(g.n, (i + 1) * images) * g.TilesPerImage() - first, Buffers());
-    } catch (const std::exception& error) {
-#pragma omp critical
-      failure = error.what();
-    }
-  }
-  if (!failure.empty()) throw std::runtime_error(failure);
+    block(first, std::min(g.n, (i + 1) * images) * g.TilesPerImage() - first, b);
+  });
 }
 
 // Blocks pay for reading U once per block; whole passes, for writing and reading back the
@@ -635,24 +636,15 @@ void BackwardData(const Geometry& g, const T* dy, const float* w, T* dx) {
     for (size_t k = 0; k < bf16.size(); ++k) bf16[k] = ToBf16(w[k]);
     kernel = bf16.data();
   }
-  std::string failure;  // exceptions must not leave a parallel region
-#pragma omp parallel for schedule(static)
-  for (int64_t block = 0; block < g.Blocks(); ++block) {
+  ForEach(g.Blocks(), [&](int64_t block, ThreadBuffers& b) {
     const int64_t first = block * Geometry::kImages;
     const int64_t images = std::min(Geometry::kImages, g.n - first);
-    ThreadBuffers& b = Buffers();
-    try {
-      float* dp = Scratch::Resized(b.products, images * g.Pixels() * g.Columns());
-      const Product& product = GetProduct(1, images * g.Pixels(), g.o, g.Columns(), false, true,
-                                          data, memory::data_type::f32);
-      Multiply(product, dy + first * g.Pixels() * g.o, kernel, dp, b.scratchpad);
-      Scatter(g, dp, first, images, dx, b.scratch.z);
-    } catch (const std::exception& error) {
-#pragma omp critical
-      failure = error.what();
-    }
-  }
-  if (!failure.empty()) throw std::runtime_error(failure);
+    float* dp = Scratch::Resized(b.products, images * g.Pixels() * g.Columns());
+    const Product& product = GetProduct(1, images * g.Pixels(), g.o, g.Columns(), false, true, data,
+                                        memory::data_type::f32);
+    Multiply(product, dy + first * g.Pixels() * g.o, kernel, dp, b.scratchpad);
+    Scatter(g, dp, first, images, dx, b.scratch.z);
+  });
 }
 
 }  // namespace patches
