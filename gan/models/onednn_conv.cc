@@ -608,10 +608,11 @@ void Scatter(const Geometry& g, const float* dp, int64_t first, int64_t images, 
         for (int kh = 0; kh < 4; ++kh) {
           const int64_t row = 2 * i + kh - 1;
           if (row < 0 || row >= g.h) continue;
-          float* out = image_sum + (row * g.w + 2 * j - 1) * c;
+          // Column 2j - 1 onwards; the taps off the image's edges are skipped.
+          const int64_t out = (row * g.w + 2 * j - 1) * c;
           const float* in = dp + kh * 4 * c;
           const int64_t begin = j == 0 ? c : 0, end = j == ow - 1 ? 3 * c : 4 * c;
-          for (int64_t k = begin; k < end; ++k) out[k] += in[k];
+          for (int64_t k = begin; k < end; ++k) image_sum[out + k] += in[k];
         }
     T* out = dx + image * size;
     for (int64_t k = 0; k < size; ++k) {
