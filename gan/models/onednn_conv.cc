@@ -693,21 +693,24 @@ ffi::Error Execute(Op op, const Shape& shape, std::unordered_map<int, memory> ar
   });
 }
 
+// Whether the environment variable `name` leaves a form on (anything but "0"; read at each call).
+bool Enabled(const char* name) {
+  const char* flag = std::getenv(name);
+  return !(flag && std::string(flag) == "0");
+}
+
 // Winograd's form runs float32 layers whose tiles fit, with at least 16 input channels (the
-// RGB layers run faster direct). GAN_WINOGRAD=0 turns it off (read at each call).
+// RGB layers run faster direct). GAN_WINOGRAD=0 turns it off.
 bool UseWinograd(ffi::DataType data, ffi::DataType weights, ffi::Span<const int64_t> src) {
-  const char* flag = std::getenv("GAN_WINOGRAD");
-  if (flag && std::string(flag) == "0") return false;
-  return data == ffi::DataType::F32 && weights == ffi::DataType::F32 &&
+  return Enabled("GAN_WINOGRAD") && data == ffi::DataType::F32 && weights == ffi::DataType::F32 &&
          winograd::Geometry::Fits(src[1], src[2]) && src[3] >= 16;
 }
 
 // The data gradient of layers with under 16 channels on the large side and a float32 kernel goes by
-// `patches`. GAN_IM2COL=0 turns it off (read at each call).
+// `patches`. GAN_IM2COL=0 turns it off.
 bool UsePatches(Op op, ffi::Span<const int64_t> src, ffi::DataType weights) {
-  const char* flag = std::getenv("GAN_IM2COL");
-  if (flag && std::string(flag) == "0") return false;
-  return op == Op::kBackwardData && src[3] < 16 && weights == ffi::DataType::F32;
+  return Enabled("GAN_IM2COL") && op == Op::kBackwardData && src[3] < 16 &&
+         weights == ffi::DataType::F32;
 }
 
 winograd::Geometry GeometryOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst) {
