@@ -273,6 +273,42 @@ def test_onednn_patch_form_of_rgb_data_gradients_equals_lax_and_differs_from_the
 
 
 @needs_compiler
+@pytest.mark.parametrize("shape", [(6, 8, 8, 32, 48), (3, 4, 6, 16, 8)], ids=str)
+def test_onednn_patch_form_of_small_bf16_kernel_gradients_equals_lax_and_differs_from_the_direct_one(
+  shape, monkeypatch
+):
+  # At most 64 pixels and 16 or more channels on the large side, in bf16 (DCGAN's widest layer):
+  # the kernel gradients of the strided convolution and of its transpose as one product each.
+  batch, height, width, c_in, c_out = shape
+  x, kernel = _random_pair(14, *shape)
+  y, kernel_t = _random_pair(15, batch, height // 2, width // 2, c_out, c_in)
+  x, y = jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
+  rng = np.random.default_rng(16)
+  cotangent = jnp.asarray(
+    rng.standard_normal((batch, height // 2, width // 2, c_out)), jnp.bfloat16
+  )
+  cotangent_t = jnp.asarray(rng.standard_normal((batch, height, width, c_in)), jnp.bfloat16)
+
+  def kernel_gradients():
+    dkernel = jax.vjp(layers.conv_k4s2_onednn, x, kernel)[1](cotangent)[1]
+    dkernel_t = jax.vjp(layers.conv_transpose_k4s2_onednn, y, kernel_t)[1](cotangent_t)[1]
+    return [dkernel, dkernel_t]
+
+  patches = kernel_gradients()
+  assert all(gradient.dtype == jnp.float32 for gradient in patches)
+  # lax in float32 on the same bf16 numbers: the products are exact, the sums in float32.
+  expected = [
+    jax.vjp(_strided_reference, _f32(x), kernel)[1](_f32(cotangent))[1],
+    jax.vjp(_reference, _f32(y), kernel_t)[1](_f32(cotangent_t))[1],
+  ]
+  _assert_near(patches, expected, 1e-5)
+  monkeypatch.setenv("GAN_IM2COL", "0")
+  for ours, direct in zip(patches, kernel_gradients(), strict=True):
+    assert not np.array_equal(ours, direct)  # another algorithm ran
+    _assert_near([ours], [direct], 1e-5)
+
+
+@needs_compiler
 def test_onednn_winograd_finds_each_kernels_transform_by_its_values():
   # More kernels of one shape than the handlers keep transformed, twice round; then one again
   # with changed numbers at the same place (XLA reuses buffers).

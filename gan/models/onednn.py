@@ -17,7 +17,10 @@ against 3e-6); `GAN_WINOGRAD=0` keeps oneDNN's direct convolutions.
 The data gradient of the RGB layers (under 16 channels on the large side: D's first layer, and
 G's last, whose forward pass it is) goes as one matrix product into the windows' gradients, which
 are then added back in place (col2im), in float32 and bf16: oneDNN's direct data gradient ran these
-thin layers 2-3x slower. `GAN_IM2COL=0` keeps the direct pass.
+thin layers 2-3x slower. So does the bf16 kernel gradient of layers with at most 64 pixels on the
+large side (DCGAN's widest): one product of the gathered windows and the output gradient, which
+oneDNN 3.2's own bf16 kernel gradient (not a brgemm one without AMX) ran 1.6x slower.
+`GAN_IM2COL=0` keeps oneDNN's direct passes.
 
 Where oneDNN cannot be used (no g++, another platform, `GAN_ONEDNN=0` in the environment), the
 layers keep XLA's convolutions; `available()` says which, and why, once in the log.

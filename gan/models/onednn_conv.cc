@@ -564,15 +564,20 @@ void BackwardWeights(const Geometry& g, const float* x, const float* dy, float* 
 
 }  // namespace winograd
 
-// The data gradient of the RGB layers (under 16 channels on the large side: G's last layer, whose
-// forward pass it is, and D's first) as one matrix product and its sum back into place (col2im).
+// Passes as matrix products of the 4 x 4 x C windows of the large side (im2col). With the kernel as
+// a [16 C, O] matrix W (HWIO's rows are (kh, kw, c)) and row (n, i, j) of P the window of x under
+// output pixel (n, i, j): y = P W, dP = dy W^T and dW = P^T dy. Products accumulate in float32, as
+// oneDNN's direct passes do.
 //
-// oneDNN's direct data gradient ran these thin layers at 30-60 GFLOP/s here, against 240-480 for
-// the middle layers. With the kernel as a [16 C, O] matrix W (HWIO's rows are (kh, kw, c)), row
-// (n, i, j) of dP = dy W^T holds the gradient of the 4 x 4 x C window of x under output pixel
-// (n, i, j); dx adds each window back in place. The product accumulates in float32, as the direct
-// pass does, and so does the sum. (Their forward and kernel-gradient passes, as products of
-// gathered windows, measured no faster than oneDNN's direct ones.)
+// The data gradient of the RGB layers (under 16 channels on the large side: G's last layer, whose
+// forward pass it is, and D's first): oneDNN's direct pass ran these thin layers at 30-60 GFLOP/s
+// here, against 240-480 for the middle layers. dP's windows are added back in place (col2im), in
+// float32. (Their forward and kernel-gradient passes this way measured no faster than oneDNN's.)
+//
+// The bfloat16 kernel gradient of the widest layer (8 x 8 x 256 -> 4 x 4 x 512 in DCGAN): oneDNN
+// 3.2 has no brgemm kernel-gradient convolution for bf16 without AMX, and its older one ran it at
+// 16-18 ms per call here against 11.7 for P^T dy over the whole batch (P: 8 MiB), which comes out
+// in HWIO as it is. At 16 x 16 x 128 the two were within 1 ms, at 32 x 32 x 64 the product slower.
 namespace patches {
 
 // x [n, h, w, c] -> y [n, h/2, w/2, o]; images go in blocks of kImages per product.
@@ -648,6 +653,40 @@ void BackwardData(const Geometry& g, const T* dy, const float* w, T* dx) {
   });
 }
 
+// P [n h/2 w/2, 16 c] from bfloat16 x: each row the window of x under one output pixel, zero off
+// the image's edges.
+void Gather(const Geometry& g, const uint16_t* x, uint16_t* p) {
+  const int64_t oh = g.h / 2, ow = g.w / 2, c = g.c;
+  ForEach(g.n, [&](int64_t image, ThreadBuffers&) {
+    uint16_t* window = p + image * g.Pixels() * g.Columns();
+    for (int64_t i = 0; i < oh; ++i)
+      for (int64_t j = 0; j < ow; ++j, window += g.Columns())
+        for (int kh = 0; kh < 4; ++kh)
+          for (int kw = 0; kw < 4; ++kw) {
+            const int64_t row = 2 * i + kh - 1, col = 2 * j + kw - 1;
+            uint16_t* out = window + (kh * 4 + kw) * c;
+            if (row < 0 || row >= g.h || col < 0 || col >= g.w) {
+              std::fill(out, out + c, uint16_t{0});
+            } else {
+              const uint16_t* in = x + ((image * g.h + row) * g.w + col) * c;
+              std::copy(in, in + c, out);
+            }
+          }
+  });
+}
+
+// dw [16 c, o] (HWIO, float32) = P^T dy: one product over the whole batch, on every core. P and
+// the scratchpad are kept between calls (which run one at a time).
+void BackwardWeights(const Geometry& g, const uint16_t* x, const uint16_t* dy, float* dw) {
+  static std::vector<uint16_t> p;
+  static std::vector<uint8_t> scratchpad;
+  const int64_t rows = g.n * g.Pixels();
+  Gather(g, x, Scratch::Resized(p, rows * g.Columns()));
+  Multiply(GetProduct(1, g.Columns(), rows, g.o, true, false, memory::data_type::bf16,
+                      memory::data_type::f32),
+           p.data(), dy, dw, scratchpad);
+}
+
 }  // namespace patches
 
 // Runs `task` on the worker and waits; its exceptions (oneDNN's errors) become the FFI's.
@@ -706,11 +745,15 @@ bool UseWinograd(ffi::DataType data, ffi::DataType weights, ffi::Span<const int6
          winograd::Geometry::Fits(src[1], src[2]) && src[3] >= 16;
 }
 
-// The data gradient of layers with under 16 channels on the large side and a float32 kernel goes by
-// `patches`. GAN_IM2COL=0 turns it off.
-bool UsePatches(Op op, ffi::Span<const int64_t> src, ffi::DataType weights) {
-  return Enabled("GAN_IM2COL") && op == Op::kBackwardData && src[3] < 16 &&
-         weights == ffi::DataType::F32;
+// `patches` runs two passes, with a float32 kernel: the data gradient of layers with under 16
+// channels on the large side (the RGB layers), and the bfloat16 kernel gradient of layers with at
+// least 16 channels and at most 64 pixels on that side (DCGAN's widest, 8 x 8 x 256 -> 4 x 4 x 512,
+// where it measured 1.6x faster; at 16 x 16 and 32 x 32 it was not). GAN_IM2COL=0 turns both off.
+bool UsePatches(Op op, ffi::Span<const int64_t> src, ffi::DataType data, ffi::DataType weights) {
+  if (!Enabled("GAN_IM2COL") || weights != ffi::DataType::F32) return false;
+  if (op == Op::kBackwardData) return src[3] < 16;
+  return op == Op::kBackwardWeights && data == ffi::DataType::BF16 && src[3] >= 16 &&
+         src[1] * src[2] <= 64;
 }
 
 winograd::Geometry GeometryOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst) {
@@ -740,11 +783,14 @@ ffi::Error Run(Op op, const ffi::AnyBuffer& large, const ffi::AnyBuffer& small,
   }
   Shape shape =
       ShapeOf(large.dimensions(), small.dimensions(), large.element_type(), kernel.element_type());
-  if (UsePatches(op, large.dimensions(), kernel.element_type())) {
+  if (UsePatches(op, large.dimensions(), large.element_type(), kernel.element_type())) {
     ffi::Span<const int64_t> src = large.dimensions();
     patches::Geometry g{src[0], src[1], src[2], src[3], small.dimensions()[3]};
     return OnWorker([&] {
-      if (shape.data == memory::data_type::f32) {
+      if (op == Op::kBackwardWeights) {
+        patches::BackwardWeights(g, static_cast<uint16_t*>(x), static_cast<uint16_t*>(y),
+                                 static_cast<float*>(w));
+      } else if (shape.data == memory::data_type::f32) {
         patches::BackwardData(g, static_cast<float*>(y), static_cast<float*>(w),
                               static_cast<float*>(x));
       } else {
