@@ -1,5 +1,6 @@
 // The k4-s2 convolution with padding 1 (NHWC activations, HWIO kernels) and its two gradients,
-// run by oneDNN as XLA FFI handlers for the CPU. Built and loaded by gan/models/onednn.py.
+// run by oneDNN as XLA FFI handlers for the CPU. Built by setup.py at install; loaded and
+// registered by gan_cpu_kernels/_ffi.py.
 //
 // Activations stay in XLA's NHWC layout; kernels are reordered (and, for bf16 compute, converted)
 // into the layout oneDNN picks for the shape: with plain HWIO kernels oneDNN falls back to GEMM
@@ -11,7 +12,6 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -732,25 +732,26 @@ ffi::Error Execute(Op op, const Shape& shape, std::unordered_map<int, memory> ar
   });
 }
 
-// Whether the environment variable `name` leaves a form on (anything but "0"; read at each call).
-bool Enabled(const char* name) {
-  const char* flag = std::getenv(name);
-  return !(flag && std::string(flag) == "0");
-}
+// The forms a call may take besides oneDNN's direct passes, as the bits of its `forms` attribute:
+// the package passes both; its tests pass fewer, to compare with the direct passes.
+constexpr int32_t kWinograd = 1;
+constexpr int32_t kPatches = 2;
 
 // Winograd's form runs float32 layers whose tiles fit, with at least 16 input channels (the
-// RGB layers run faster direct). GAN_WINOGRAD=0 turns it off.
-bool UseWinograd(ffi::DataType data, ffi::DataType weights, ffi::Span<const int64_t> src) {
-  return Enabled("GAN_WINOGRAD") && data == ffi::DataType::F32 && weights == ffi::DataType::F32 &&
+// RGB layers run faster direct).
+bool UseWinograd(int32_t forms, ffi::DataType data, ffi::DataType weights,
+                 ffi::Span<const int64_t> src) {
+  return (forms & kWinograd) && data == ffi::DataType::F32 && weights == ffi::DataType::F32 &&
          winograd::Geometry::Fits(src[1], src[2]) && src[3] >= 16;
 }
 
 // `patches` runs two passes, with a float32 kernel: the data gradient of layers with under 16
 // channels on the large side (the RGB layers), and the bfloat16 kernel gradient of layers with at
 // least 16 channels and at most 64 pixels on that side (DCGAN's widest, 8 x 8 x 256 -> 4 x 4 x 512,
-// where it measured 1.6x faster; at 16 x 16 and 32 x 32 it was not). GAN_IM2COL=0 turns both off.
-bool UsePatches(Op op, ffi::Span<const int64_t> src, ffi::DataType data, ffi::DataType weights) {
-  if (!Enabled("GAN_IM2COL") || weights != ffi::DataType::F32) return false;
+// where it measured 1.6x faster; at 16 x 16 and 32 x 32 it was not).
+bool UsePatches(int32_t forms, Op op, ffi::Span<const int64_t> src, ffi::DataType data,
+                ffi::DataType weights) {
+  if (!(forms & kPatches) || weights != ffi::DataType::F32) return false;
   if (op == Op::kBackwardData) return src[3] < 16;
   return op == Op::kBackwardWeights && data == ffi::DataType::BF16 && src[3] >= 16 &&
          src[1] * src[2] <= 64;
@@ -768,11 +769,12 @@ Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> dst, ffi::D
 }
 
 // Runs `op` on the arrays of one call: `large` the convolution's input side (x, or its gradient),
-// `small` its output side (y, or its gradient), `kernel` the kernel or its gradient.
+// `small` its output side (y, or its gradient), `kernel` the kernel or its gradient; `forms` the
+// forms it may take (kWinograd, kPatches).
 ffi::Error Run(Op op, const ffi::AnyBuffer& large, const ffi::AnyBuffer& small,
-               const ffi::AnyBuffer& kernel) {
+               const ffi::AnyBuffer& kernel, int32_t forms) {
   void *x = large.untyped_data(), *y = small.untyped_data(), *w = kernel.untyped_data();
-  if (UseWinograd(large.element_type(), kernel.element_type(), large.dimensions())) {
+  if (UseWinograd(forms, large.element_type(), kernel.element_type(), large.dimensions())) {
     winograd::Geometry g = GeometryOf(large.dimensions(), small.dimensions());
     auto f32 = [](void* data) { return static_cast<float*>(data); };
     return OnWorker([&] {
@@ -783,7 +785,7 @@ ffi::Error Run(Op op, const ffi::AnyBuffer& large, const ffi::AnyBuffer& small,
   }
   Shape shape =
       ShapeOf(large.dimensions(), small.dimensions(), large.element_type(), kernel.element_type());
-  if (UsePatches(op, large.dimensions(), large.element_type(), kernel.element_type())) {
+  if (UsePatches(forms, op, large.dimensions(), large.element_type(), kernel.element_type())) {
     ffi::Span<const int64_t> src = large.dimensions();
     patches::Geometry g{src[0], src[1], src[2], src[3], small.dimensions()[3]};
     return OnWorker([&] {
@@ -811,29 +813,54 @@ ffi::Error Run(Op op, const ffi::AnyBuffer& large, const ffi::AnyBuffer& small,
   return Execute(op, shape, std::move(args), w);
 }
 
-ffi::Error Forward(ffi::AnyBuffer src, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dst) {
-  return Run(Op::kForward, src, *dst, kernel);
+ffi::Error Forward(ffi::AnyBuffer src, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dst,
+                   int32_t forms) {
+  return Run(Op::kForward, src, *dst, kernel, forms);
 }
 
 ffi::Error BackwardData(ffi::AnyBuffer diff_dst, ffi::AnyBuffer kernel,
-                        ffi::Result<ffi::AnyBuffer> diff_src) {
-  return Run(Op::kBackwardData, *diff_src, diff_dst, kernel);
+                        ffi::Result<ffi::AnyBuffer> diff_src, int32_t forms) {
+  return Run(Op::kBackwardData, *diff_src, diff_dst, kernel, forms);
 }
 
 ffi::Error BackwardWeights(ffi::AnyBuffer src, ffi::AnyBuffer diff_dst,
-                           ffi::Result<ffi::AnyBuffer> diff_kernel) {
-  return Run(Op::kBackwardWeights, src, diff_dst, *diff_kernel);
+                           ffi::Result<ffi::AnyBuffer> diff_kernel, int32_t forms) {
+  return Run(Op::kBackwardWeights, src, diff_dst, *diff_kernel, forms);
 }
 
 }  // namespace
 
-// Each takes two arrays and returns one: (x, kernel) -> y; (dy, kernel) -> dx; (x, dy) -> dkernel.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    GanConvForward, Forward,
-    ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    GanConvBackwardData, BackwardData,
-    ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    GanConvBackwardWeights, BackwardWeights,
-    ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+// Each takes two arrays and returns one: (x, kernel) -> y; (dy, kernel) -> dx; (x, dy) -> dkernel;
+// and the int32 attribute `forms`.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GanConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("forms"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GanConvBackwardData, BackwardData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("forms"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GanConvBackwardWeights, BackwardWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("forms"));
+
+// Whether this CPU has oneDNN's bfloat16 convolutions and matrix products: oneDNN 3.2 implements
+// them with AVX-512 only, and with AVX2 alone creates no bfloat16 primitive at all.
+extern "C" int GanSupportsBf16() {
+  try {
+    Shape{1, 8, 8, 16, 4, 4, 16, memory::data_type::bf16, memory::data_type::f32}.Forward();
+    memory::desc a = Batched(1, 16, 16, false, memory::data_type::bf16);
+    memory::desc c = Batched(1, 16, 16, false, memory::data_type::f32);
+    dnnl::matmul::primitive_desc(Engine(), a, a, c, UserScratchpad());
+    return 1;
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+}
