@@ -1,4 +1,4 @@
-"""The train step of `gan.train.train_step` in PyTorch, and its timing, for the PyTorch twins.
+"""The train step of `gan.step.train_step` in PyTorch, and its timing, for the PyTorch twins.
 
 One step is what ours does: `train.d_steps` discriminator updates on the real batch, each against
 a fresh generated batch (G in train mode, its BatchNorm statistics updated, no gradient to G);

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -18,33 +18,25 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from gan import parallel
-from gan.collapse import HEALTHY, UNJUDGED, VERDICTS
 from gan.errors import UserError
 
 ASIDE_DIR = "checkpoints_aside"
-VERDICT = "health/verdict"  # the metric holding a checkpoint's verdict: an index of VERDICTS
 
-
-def verdict(metrics: Mapping[str, Any] | None) -> str:
-  """The verdict a checkpoint's metrics record; unjudged when they record none."""
-  index = (metrics or {}).get(VERDICT)
-  return UNJUDGED if index is None else VERDICTS[int(index)]
-
-
-def is_healthy(metrics: Mapping[str, Any] | None) -> bool:
-  """Whether a checkpoint's metrics carry a healthy verdict."""
-  return verdict(metrics) == HEALTHY
+# A test of a checkpoint's metrics, e.g. whether they record a healthy verdict.
+Predicate = Callable[[Mapping[str, Any] | None], bool]
 
 
 @dataclasses.dataclass
-class LastHealthy(policies.PreservationPolicy):
-  """Keeps the newest healthy checkpoint, however many unhealthy ones come after it."""
+class LastWhere(policies.PreservationPolicy):
+  """Keeps the newest checkpoint whose metrics pass `predicate`, however many come after it."""
+
+  predicate: Predicate
 
   def should_preserve(
     self, checkpoints: Sequence[policies.PolicyCheckpointInfo], *, context
   ) -> Sequence[bool]:
-    healthy = [i for i, info in enumerate(checkpoints) if is_healthy(info.metrics)]
-    return [bool(healthy) and i == healthy[-1] for i in range(len(checkpoints))]
+    passing = [i for i, info in enumerate(checkpoints) if self.predicate(info.metrics)]
+    return [bool(passing) and i == passing[-1] for i in range(len(checkpoints))]
 
 
 def _best(metric: str, mode: str) -> policies.PreservationPolicy:
@@ -60,14 +52,17 @@ def _best(metric: str, mode: str) -> policies.PreservationPolicy:
 class Checkpointer:
   """Saves and restores TrainState pytrees under one directory with a preservation policy."""
 
-  def __init__(self, directory: str, config=None):
+  def __init__(self, directory: str, config=None, *, keep_last_where: Predicate | None = None):
     """Args: directory, usually WORKDIR/checkpoints; config, the `checkpoint` config section
-    (None: only read, list and move checkpoints; nothing is ever deleted)."""
+    (None: only read, list and move checkpoints; nothing is ever deleted); keep_last_where: the
+    newest checkpoint whose metrics pass it is kept too (the trainer's: the last healthy one)."""
     self.directory = os.path.abspath(directory)
     if config is None:
       keep = [policies.LatestN(n=None)]  # n=None keeps all
     else:
-      keep = [policies.LatestN(n=config.keep_latest), LastHealthy()]
+      keep = [policies.LatestN(n=config.keep_latest)]
+      if keep_last_where is not None:
+        keep.append(LastWhere(keep_last_where))
       if config.keep_every:
         keep.append(policies.EveryNSteps(interval_steps=config.keep_every))
       if config.best_metric:
@@ -94,9 +89,9 @@ class Checkpointer:
   def metrics(self, step: int) -> Mapping[str, Any] | None:
     return self._manager.metrics(step)
 
-  def healthy_steps(self, before: int) -> list[int]:
-    """The steps before `before` whose checkpoints were judged healthy, newest first."""
-    return [s for s in self.all_steps()[::-1] if s < before and is_healthy(self.metrics(s))]
+  def steps_where(self, predicate: Predicate, before: int) -> list[int]:
+    """The steps before `before` whose checkpoints' metrics pass `predicate`, newest first."""
+    return [s for s in self.all_steps()[::-1] if s < before and predicate(self.metrics(s))]
 
   def restore_first(self, steps: Sequence[int], target) -> tuple[int | None, Any]:
     """Restores the first of `steps` whose checkpoint reads back whole.

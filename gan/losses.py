@@ -7,8 +7,6 @@ minimises given D's logits on generated images. All are computed in float32.
 import jax
 import jax.numpy as jnp
 
-from gan.errors import UserError
-
 
 def _non_saturating(real, fake):
   # G maximises log D(G(z)) rather than minimising log(1 - D(G(z))): strong gradients early on.
@@ -25,11 +23,7 @@ def _least_squares(real, fake):
 
 
 _LOSSES = {"non_saturating": _non_saturating, "hinge": _hinge, "least_squares": _least_squares}
-
-
-def check_name(name: str) -> None:
-  if name not in _LOSSES:
-    raise UserError(f"unknown train.loss {name!r}; choose one of {', '.join(_LOSSES)}")
+NAMES = tuple(_LOSSES)
 
 
 def discriminator_loss(name: str, real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:

@@ -36,75 +36,76 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
   return flat
 
 
-class Progress:
-  """Console lines a person can follow: step/total, images/s, ETA and the losses."""
-
-  def __init__(self, total_steps: int, batch_size: int, start_step: int):
-    self._total = total_steps
-    self._batch_size = batch_size
-    self._last_step = start_step
-    self._last_time = time.perf_counter()
-
-  @contextlib.contextmanager
-  def paused(self):
-    """Leaves the time spent inside out of the throughput (samples, checkpoints)."""
-    start = time.perf_counter()
-    yield
-    self._last_time += time.perf_counter() - start
-
-  def images_per_second(self, step: int) -> float:
-    """Throughput since the previous call; call it right after a device->host fetch."""
-    now = time.perf_counter()
-    rate = (step - self._last_step) * self._batch_size / max(now - self._last_time, 1e-9)
-    self._last_step, self._last_time = step, now
-    return rate
-
-  def log(self, step: int, images_per_second: float, scalars: Mapping[str, float]) -> None:
-    steps_per_second = images_per_second / self._batch_size
-    eta = (self._total - step) / steps_per_second if steps_per_second > 0 else float("inf")
-    width = len(str(self._total))
-    logging.info(
-      "step %*d/%d  %6.1f img/s  ETA %s  d_loss %.4f  g_loss %.4f  D(real) %.3f  D(fake) %.3f",
-      width,
-      step,
-      self._total,
-      images_per_second,
-      _duration(eta),
-      scalars["d_loss"],
-      scalars["g_loss"],
-      scalars["d_real"],
-      scalars["d_fake"],
-    )
+def log_losses(step: int, num_steps: int, scalars: Mapping[str, float]) -> None:
+  """The console line of a log: step/total, images/s and the losses."""
+  logging.info(
+    "step %*d/%d  %6.1f img/s  d_loss %.4f  g_loss %.4f  D(real) %.3f  D(fake) %.3f",
+    len(str(num_steps)),
+    step,
+    num_steps,
+    scalars["images_per_second"],
+    scalars["d_loss"],
+    scalars["g_loss"],
+    scalars["d_real"],
+    scalars["d_fake"],
+  )
 
 
 @dataclasses.dataclass
 class Timings:
   """Where a training run's wall time went, in seconds.
 
-  first_step runs from the start of `train.train_and_evaluate` (state built or restored, data
+  first_step runs from the start of `trainer.train_and_evaluate` (state built or restored, data
   source opened) until the first step's results exist, its compile included; `steps` counts the
   steps after it and step_seconds their time outside evaluations and checkpoint saves (input,
-  host-to-device copies, metric fetches and logging included). `evaluations` and `checkpoints`
-  hold the duration of each, in order (the first evaluation compiles what it runs).
+  host-to-device copies, metric fetches and logging included). `parts` holds the duration of
+  each evaluation and checkpoint save, in order (the first evaluation compiles what it runs).
   """
 
   first_step: float = 0.0
   steps: int = 0
   step_seconds: float = 0.0
-  evaluations: list[float] = dataclasses.field(default_factory=list)
-  checkpoints: list[float] = dataclasses.field(default_factory=list)
+  parts: dict[str, list[float]] = dataclasses.field(
+    default_factory=lambda: {"evaluation": [], "checkpoint": []}
+  )
+  _last: tuple[int, float] = (0, 0.0)  # (step, time) of the last throughput reading
+  _paused: float = 0.0  # time spent in timed parts since then
+
+  @property
+  def evaluations(self) -> list[float]:
+    return self.parts["evaluation"]
+
+  @property
+  def checkpoints(self) -> list[float]:
+    return self.parts["checkpoint"]
 
   @contextlib.contextmanager
-  def evaluation(self):
+  def part(self, name: str):
+    """Times a named part of the loop (e.g. evaluation), which throughput readings leave out."""
     start = time.perf_counter()
     yield
-    self.evaluations.append(time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    self.parts.setdefault(name, []).append(elapsed)
+    self._paused += elapsed
 
-  @contextlib.contextmanager
-  def checkpoint(self):
-    start = time.perf_counter()
-    yield
-    self.checkpoints.append(time.perf_counter() - start)
+  def start(self, step: int) -> None:
+    """Marks where throughput readings begin: the loop starts (again) at `step`."""
+    self._last, self._paused = (step, time.perf_counter()), 0.0
+
+  def images_per_second(self, step: int, batch_size: int) -> float:
+    """Throughput since the previous reading (or `start`), outside the timed parts; read it
+    right after a device->host fetch."""
+    now = time.perf_counter()
+    last_step, last_time = self._last
+    seconds = max(now - last_time - self._paused, 1e-9)
+    self._last, self._paused = (step, now), 0.0
+    return (step - last_step) * batch_size / seconds
+
+  def close(self, total_seconds: float) -> None:
+    """Fills in step_seconds from the run's total time."""
+    if self.first_step:
+      spent = sum(sum(times) for times in self.parts.values())
+      self.step_seconds = total_seconds - self.first_step - spent
 
   def summary(self) -> str:
     return (

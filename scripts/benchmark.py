@@ -22,10 +22,12 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gan import benchmarking, cli, models
-from gan.errors import UserError
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # benchmarks/ is not part of the installed package
+
+from benchmarks import speed  # noqa: E402
+from gan import cli, models  # noqa: E402
+from gan.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -64,7 +66,6 @@ def _check_pytorch(family: str) -> None:
 
 def _pytorch_twin(config):
   """benchmarks/pytorch_<config.model.name>.py."""
-  sys.path.insert(0, ROOT)  # benchmarks/ is not part of the installed package
   # Imported only now: it sets PyTorch's OpenMP wait policy before torch loads.
   return importlib.import_module(f"benchmarks.pytorch_{config.model.name}")
 
@@ -107,7 +108,7 @@ def main(argv):
   # stdout is for the JSON alone; TFDS prints as it prepares a dataset.
   with contextlib.redirect_stdout(sys.stderr):
     report.update(
-      benchmarking.run(
+      speed.run(
         config,
         repeats=_REPEATS.value,
         steps=_STEPS.value,

@@ -13,6 +13,7 @@ from absl import flags
 
 from gan import checkpointing, cli
 from gan.errors import UserError
+from gan.health import verdict
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "rollback: the saved step to continue from.")
@@ -42,9 +43,8 @@ def _list(ckpt: checkpointing.Checkpointer) -> None:
   rows = [["step", "verdict", *(name for name, _, _ in _COLUMNS)]]
   for step in steps:
     metrics = ckpt.metrics(step) or {}
-    verdict = checkpointing.verdict(metrics)
     cells = [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in _COLUMNS]
-    rows.append([str(step), verdict, *cells])
+    rows.append([str(step), verdict.verdict_of(metrics), *cells])
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   for row in rows:
     print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))

@@ -16,7 +16,8 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gan import checkpointing, cli, collapse, train
+from gan import checkpointing, cli, rollback, trainer
+from gan.health import verdict
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The config to study.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.", required=True)
@@ -28,16 +29,16 @@ flags.mark_flags_as_required(["config"])
 def _run(config, workdir: str) -> dict:
   start = time.perf_counter()
   try:
-    state = train.train_and_evaluate(config, workdir)
+    state = trainer.train_and_evaluate(config, workdir)
     step, collapsed_at = int(state.step), None
     metrics = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).metrics(step) or {}
     signals = {k.removeprefix("health/"): v for k, v in metrics.items()}
-  except collapse.CollapseError as e:
+  except verdict.CollapseError as e:
     step, collapsed_at, signals = e.step, e.step, e.signals
   return {
     "step": step,
     "collapsed_at": collapsed_at,
-    "rollbacks": collapse.count_rollbacks(workdir),
+    "rollbacks": rollback.count(workdir),
     "modes_covered": signals.get("modes_covered"),
     "kl_uniform": signals.get("kl_uniform"),
     "seconds": round(time.perf_counter() - start, 1),
@@ -52,14 +53,14 @@ def main(argv):
   del argv
   settings = {"both": (False, True), "on": (True,), "off": (False,)}[_ROLLBACK.value]
   rows = []
-  for rollback in settings:
+  for rollback_on in settings:
     for seed in map(int, _SEEDS.value):
       config = _CONFIG.value.copy_and_resolve_references()
       config.train.seed = seed
-      config.collapse.rollback = rollback
-      name = "rollback" if rollback else "no_rollback"
+      config.collapse.rollback = rollback_on
+      name = "rollback" if rollback_on else "no_rollback"
       workdir = os.path.join(_WORKDIR.value, name, f"seed_{seed}")
-      row = {"rollback": rollback, "seed": seed, **_run(config, workdir)}
+      row = {"rollback": rollback_on, "seed": seed, **_run(config, workdir)}
       logging.info("%s", row)
       rows.append(row)
   with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:

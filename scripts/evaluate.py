@@ -8,7 +8,6 @@ default) and compares them with as many training images. FID and KID need the In
 unless FID or KID were asked for by name, which makes their absence an error.
 """
 
-import functools
 import json
 import os
 
@@ -16,7 +15,8 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from gan import cli, input_pipeline, train
+from gan import cli, inference
+from gan.data import pipeline
 from gan.metrics import fid, quality
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
@@ -30,10 +30,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generator noise and the met
 
 def main(argv):
   del argv
-  config, nets, state = train.load_run(_WORKDIR.value, _STEP.value)
+  config, nets, state = inference.load_run(_WORKDIR.value, _STEP.value)
   metrics = _METRICS.value or list(config.eval.metrics) or ["swd", "precision_recall"]
   num = _NUM_SAMPLES.value or config.eval.num_samples
-  batches = input_pipeline.create_dataset(config.data, batch_size=num, seed=config.train.seed)
+  batches = pipeline.create_dataset(config.data, batch_size=num, seed=config.train.seed)
   real = next(batches)["image"]
   key = jax.random.PRNGKey(_SEED.value)
   evaluator = quality.Evaluator(
@@ -45,8 +45,8 @@ def main(argv):
     require_inception=_METRICS.value is not None,
   )
   noise = np.asarray(jax.random.normal(key, (num, nets.latent_dim)))
-  sample_fn = jax.jit(functools.partial(train.generate, nets))
-  fake = train.generate_many(sample_fn, state.ema_params, state.g_batch_stats, noise)
+  sample_fn = inference.sampler(nets)
+  fake = inference.generate_many(sample_fn, state.ema, state.g.batch_stats, noise)
   results = {"step": int(state.step), "num_samples": num, **evaluator(fake)}
   logging.info("Evaluated %s: %s", os.path.abspath(_WORKDIR.value), results)
   print(json.dumps(results, indent=1, sort_keys=True))

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from gan import cli, input_pipeline, sampling, train
+from gan import cli, inference, sampling
+from gan.data import pipeline
 from gan.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
@@ -39,7 +40,7 @@ _NEAREST_POOL = flags.DEFINE_integer("nearest_pool", 2048, "--nearest: training 
 
 # Columns of an interpolation strip, and frames of its GIF each way.
 _STEPS = 8
-# Samples normalise with their batch's BatchNorm statistics (gan.train.generate), which are
+# Samples normalise with their batch's BatchNorm statistics (gan.step.generate), which are
 # meaningless for a handful of images; smaller requests are cut from a batch this big.
 _MIN_BATCH = 64
 
@@ -70,7 +71,7 @@ def _generate(nets, state, z: np.ndarray) -> np.ndarray:
       jax.random.key(_SEED.value + 1), _MIN_BATCH - num, z.shape[1], _TRUNCATION.value
     )
     z = np.concatenate([z, np.asarray(pad)])
-  images = train.generate(nets, state.ema_params, state.g_batch_stats, z)
+  images = inference.sampler(nets)(state.ema, state.g.batch_stats, z)
   return np.asarray(images[:num])
 
 
@@ -78,8 +79,8 @@ def _training_images(config, pool: int) -> np.ndarray:
   """`pool` training images as stored (not flipped), drawn as training draws them."""
   data = config.data.copy_and_resolve_references()
   data.random_flip = False
-  size = min(pool, input_pipeline.num_examples(data))
-  batches = input_pipeline.create_dataset(data, batch_size=size, seed=config.train.seed)
+  size = min(pool, pipeline.num_examples(data))
+  batches = pipeline.create_dataset(data, batch_size=size, seed=config.train.seed)
   return next(iter(batches))["image"]
 
 
@@ -87,7 +88,7 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   _validate()
-  config, nets, state = train.load_run(_WORKDIR.value, _STEP.value)
+  config, nets, state = inference.load_run(_WORKDIR.value, _STEP.value)
   key = jax.random.key(_SEED.value)
   out = _OUT.value
 

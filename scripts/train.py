@@ -13,7 +13,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gan import cli, train
+from gan import cli, trainer
 from gan.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,7 +45,7 @@ def main(argv):
     jax.process_count(),
     jax.devices(),
   )
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import jax
 from absl import flags, logging
 
 from gan import cli
-from gan.datasets import synthetic_faces
+from gan.data import synthetic_faces
 from gan.errors import UserError
 from gan.metrics import mode_classifier
 

@@ -47,6 +47,16 @@ def tiny_config(family: str, **overrides):
   return config
 
 
+def plain_leaves(tree) -> list:
+  """The leaves of a pytree, PRNG keys as their raw data, so that numpy can compare them."""
+  return [
+    jax.random.key_data(x)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+    else x
+    for x in jax.tree.leaves(tree)
+  ]
+
+
 @pytest.fixture
 def workdir(tmp_path):
   return str(tmp_path / "run")

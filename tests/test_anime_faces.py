@@ -10,8 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import default
-from gan import input_pipeline
-from gan.datasets import anime_faces
+from gan.data import anime_faces, pipeline
 from gan.errors import UserError
 
 NUM_GOOD = 10
@@ -107,8 +106,8 @@ def test_rgb_jpegs_are_stored_as_their_original_bytes(prepared):
 def test_training_batches_come_from_the_prepared_images(kaggle_zip, prepared):
   _, data_dir = prepared
   config = data_config(kaggle_zip, data_dir, random_flip=False)
-  assert input_pipeline.num_examples(config) == NUM_GOOD + 1  # the 8 px image is too small
-  batches = input_pipeline.create_dataset(config, batch_size=11, seed=0)
+  assert pipeline.num_examples(config) == NUM_GOOD + 1  # the 8 px image is too small
+  batches = pipeline.create_dataset(config, batch_size=11, seed=0)
   for _ in range(3):
     batch = next(batches)
     assert batch["image"].shape == (11, 32, 32, 3) and batch["image"].dtype == np.float32
@@ -122,7 +121,7 @@ def test_training_batches_come_from_the_prepared_images(kaggle_zip, prepared):
 
 def test_a_prepared_dataset_no_longer_needs_the_download(prepared):
   _, data_dir = prepared
-  assert input_pipeline.num_examples(data_config("", data_dir, min_image_size=1)) == NUM_GOOD + 2
+  assert pipeline.num_examples(data_config("", data_dir, min_image_size=1)) == NUM_GOOD + 2
 
 
 @pytest.mark.parametrize(
@@ -140,7 +139,7 @@ def test_missing_files_say_where_to_download_and_put_them(tmp_path, contents):
     (manual_dir / "images").mkdir()
   config = data_config(manual_dir, str(tmp_path / "tfds"))
   with pytest.raises(UserError) as error:
-    input_pipeline.create_dataset(config, batch_size=4, seed=0)
+    pipeline.create_dataset(config, batch_size=4, seed=0)
   message = str(error.value)
   assert "\n" not in message
   assert f"data.path {manual_dir}" in message
@@ -150,4 +149,4 @@ def test_missing_files_say_where_to_download_and_put_them(tmp_path, contents):
 
 def test_an_empty_path_says_to_set_it(tmp_path):
   with pytest.raises(UserError, match=r"data.path \(now empty\).*--config.data.path"):
-    input_pipeline.num_examples(data_config("", str(tmp_path / "tfds")))
+    pipeline.num_examples(data_config("", str(tmp_path / "tfds")))

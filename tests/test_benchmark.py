@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import pytest
 from conftest import ROOT, run_script, tiny_config
 
+from benchmarks import speed
 from configs import dcgan, dense
-from gan import benchmarking, parallel, train
+from gan import models, parallel
+from gan import state as state_lib
 from gan.errors import UserError
-from gan.models import onednn
 
 # tiny_config("dcgan") as flags, with as few timed steps as give a median.
 TINY_DCGAN = [
@@ -58,7 +59,7 @@ def test_benchmark_prints_every_measurement_as_a_positive_finite_number(report):
 
 def test_the_ceiling_is_of_the_configs_compute_dtype(report):
   assert report["dtype"] == report["matmul_ceiling_dtype"] == "float32"
-  bf16 = benchmarking.matmul_ceiling(1, sizes=(64,), dtype=jnp.bfloat16)
+  bf16 = speed.matmul_ceiling(1, sizes=(64,), dtype=jnp.bfloat16)
   assert math.isfinite(bf16) and bf16 > 0
 
 
@@ -66,40 +67,31 @@ def test_benchmark_describes_the_device_and_the_config(report):
   assert report["device"]["platform"] == "cpu" and report["device"]["count"] >= 1
   assert report["device"]["kind"]
   assert report["config"] == "configs/dcgan.py:smoke"
-  assert report["cpu_convolutions"] == benchmarking.cpu_convolutions(jnp.float32)
+  assert report["conv_impl"] == models.resolve_conv_impl("auto", "float32")
   assert (report["model"], report["resolution"], report["batch_size"]) == ("dcgan", 32, 8)
-  counts = benchmarking.parameter_counts(tiny_config("dcgan"))
+  counts = speed.parameter_counts(tiny_config("dcgan"))
   assert (report["generator_params"], report["discriminator_params"]) == counts
 
 
-def test_cpu_convolutions_names_winograd_for_float32_only(monkeypatch):
-  if not onednn.available():
-    pytest.skip("oneDNN is not built here")
-  assert benchmarking.cpu_convolutions(jnp.float32) == "onednn-winograd"
-  assert benchmarking.cpu_convolutions(jnp.bfloat16) == "onednn"
-  monkeypatch.setenv("GAN_WINOGRAD", "0")
-  assert benchmarking.cpu_convolutions(jnp.float32) == "onednn"
-
-
-def _tiny_dcgan_flops(dtype: str) -> float:
-  config = tiny_config("dcgan", model__dtype=dtype)
-  nets, state = train.create_train_state(config, parallel.create_mesh(0))
+def _tiny_dcgan_flops(dtype: str, conv_impl: str = "auto") -> float:
+  config = tiny_config("dcgan", model__dtype=dtype, model__conv_impl=conv_impl)
+  nets, state = state_lib.create_train_state(config, parallel.create_mesh(0))
   size, resolution = config.train.batch_size, config.data.resolution
   batch = {"image": jnp.zeros((size, resolution, resolution, 3)), "label": jnp.zeros(size, int)}
-  return benchmarking.count_flops(nets, config, (state, batch, jax.random.PRNGKey(0)))
+  return speed.count_flops(nets, config, (state, batch, jax.random.PRNGKey(0)))
 
 
 def test_the_flop_count_includes_the_convolutions_that_onednn_runs():
-  if not onednn.usable(jnp.float32, jnp.zeros((4, 4, 1, 1))):
-    pytest.skip("oneDNN does not run the layers here")
-  config = tiny_config("dcgan")
+  if models.resolve_conv_impl("auto", "float32") != "onednn":
+    pytest.skip("the CPU kernels do not run the layers here")
+  config = tiny_config("dcgan", model__conv_impl="onednn")
   # D's k4-s2 convolutions on one batch, forward only: 3 -> w, then doubling down to 4 x 4.
   size, width, d_forward, side = config.train.batch_size, config.model.base_width, 0, 32
   for c_in, c_out in zip((3, width, 2 * width), (width, 2 * width, 4 * width), strict=True):
     side //= 2
     d_forward += 2 * size * side * side * 16 * c_in * c_out
   # A step runs them forward three times (real, fake, fake for G) and backward at least twice.
-  assert _tiny_dcgan_flops("float32") > 5 * d_forward
+  assert _tiny_dcgan_flops("float32", "onednn") > 5 * d_forward
 
 
 def test_bf16_counts_the_flops_of_the_same_function_as_fp32():
@@ -109,7 +101,7 @@ def test_bf16_counts_the_flops_of_the_same_function_as_fp32():
 
 def test_without_the_cache_the_pipeline_has_one_rate():
   config = tiny_config("dcgan", data__cache=False)
-  rates = benchmarking.time_input_pipeline(config, batches=2)
+  rates = speed.time_input_pipeline(config, batches=2)
   assert rates["input_pipeline_images_per_second"] > 0
   assert rates["input_pipeline_cached_images_per_second"] is None
 
@@ -124,7 +116,7 @@ def test_a_versus_block_alternates_with_ours_and_the_speedup_is_the_median_pair(
   # Block seconds as a drifting machine might give them (2 steps per block): the pairs' ratios
   # are 2, 1 and 3, whose median (2) is not the ratio of the medians (0.4 / 0.3).
   fake_seconds = {"ours": iter([0.2, 0.4, 0.3]), "versus": iter([0.4, 0.4, 0.9])}
-  order, median_seconds = [], benchmarking.median_seconds
+  order, median_seconds = [], speed.median_seconds
 
   def timed(block, repeats):
     side = "versus" if block is versus else "ours"
@@ -132,8 +124,8 @@ def test_a_versus_block_alternates_with_ours_and_the_speedup_is_the_median_pair(
     median_seconds(block, repeats)  # the block still runs
     return next(fake_seconds[side])
 
-  monkeypatch.setattr(benchmarking, "median_seconds", timed)
-  result = benchmarking.time_train_step(config, repeats=3, steps=2, versus=versus)
+  monkeypatch.setattr(speed, "median_seconds", timed)
+  result = speed.time_train_step(config, repeats=3, steps=2, versus=versus)
   assert order == ["ours", "versus"] * 3
   assert len(versus_calls) == 6  # each timed block follows an untimed one
   assert result["step_seconds_median"] == pytest.approx(0.15)
@@ -142,12 +134,12 @@ def test_a_versus_block_alternates_with_ours_and_the_speedup_is_the_median_pair(
   assert interleaved["versus_images_per_second"] == pytest.approx(config.train.batch_size / 0.2)
   assert interleaved["speedup_median"] == pytest.approx(2.0)
   monkeypatch.undo()
-  assert "interleaved" not in benchmarking.time_train_step(config, repeats=1, steps=1)
+  assert "interleaved" not in speed.time_train_step(config, repeats=1, steps=1)
 
 
 def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline():
   config = tiny_config("dcgan", checkpoint__every=1000, eval__every=500)
-  result = benchmarking.run(config, repeats=1, steps=1, input_batches=0, loop_steps=6)
+  result = speed.run(config, repeats=1, steps=1, input_batches=0, loop_steps=6)
   assert result["input_pipeline_images_per_second"] is None
   assert "--input_batches=0" in result["input_pipeline_error"]
   loop = result["loop"]
@@ -168,7 +160,7 @@ def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline():
 def test_counts_below_their_least_are_user_errors(counts):
   repeats, steps, input_batches, loop_steps = counts
   with pytest.raises(UserError, match="must be at least"):
-    benchmarking.run(
+    speed.run(
       tiny_config("dcgan"),
       repeats=repeats,
       steps=steps,
@@ -189,7 +181,7 @@ def test_counts_below_their_least_are_user_errors(counts):
   ],
 )
 def test_flops_come_from_either_form_of_cost_analysis_or_are_none(analysis, flops):
-  assert benchmarking.flops_from_cost_analysis(analysis) == flops
+  assert speed.flops_from_cost_analysis(analysis) == flops
 
 
 def test_vs_pytorch_without_torch_is_a_one_line_error():
@@ -222,7 +214,7 @@ def test_pytorch_twin_has_the_parameter_counts_of_ours(family, arg):
   config = _RECIPES[family].get_config(arg)
   generator, discriminator = twin.build(config.to_dict())
   counts = (pytorch_common.count_params(generator), pytorch_common.count_params(discriminator))
-  assert counts == benchmarking.parameter_counts(config)
+  assert counts == speed.parameter_counts(config)
 
 
 def test_vs_pytorch_also_alternates_its_blocks_with_ours_in_the_configs_precision():

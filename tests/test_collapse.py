@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from conftest import run_script, tiny_config
 
-from gan import checkpointing, collapse, train
-from gan.datasets import synthetic_faces
+from gan import checkpointing, rollback, trainer
+from gan import state as state_lib
+from gan.data import synthetic_faces
+from gan.health import signals, verdict
 
 
 def _signals(**overrides):
@@ -36,7 +38,7 @@ def _config(**overrides):
 
 
 def test_diverse_samples_are_healthy():
-  assert collapse.judge(_signals(), _config(), streak=0, step=10).verdict == collapse.HEALTHY
+  assert verdict.judge(_signals(), _config(), streak=0, step=10).verdict == verdict.HEALTHY
 
 
 @pytest.mark.parametrize(
@@ -46,29 +48,29 @@ def test_diverse_samples_are_healthy():
 )
 def test_one_signal_out_of_bounds_is_suspect_then_collapsed_after_patience(bad):
   config = _config(patience=2)
-  first = collapse.judge(_signals(**bad), config, streak=0, step=10)
-  assert first.verdict == collapse.SUSPECT and first.reasons
-  second = collapse.judge(_signals(**bad), config, streak=first.streak, step=20)
-  assert second.verdict == collapse.COLLAPSED
+  first = verdict.judge(_signals(**bad), config, streak=0, step=10)
+  assert first.verdict == verdict.SUSPECT and first.reasons
+  second = verdict.judge(_signals(**bad), config, streak=first.streak, step=20)
+  assert second.verdict == verdict.COLLAPSED
 
 
 def test_a_healthy_evaluation_resets_the_streak():
-  judgement = collapse.judge(_signals(), _config(), streak=1, step=10)
+  judgement = verdict.judge(_signals(), _config(), streak=1, step=10)
   assert judgement.streak == 0
 
 
 @pytest.mark.parametrize("bad", [{"nonfinite": 1.0}, {"ms_ssim": float("nan")}])
 def test_non_finite_values_are_a_collapse_at_once_even_in_warm_up(bad):
-  judgement = collapse.judge(_signals(**bad), _config(warmup_steps=1000), streak=0, step=1)
-  assert judgement.verdict == collapse.COLLAPSED
+  judgement = verdict.judge(_signals(**bad), _config(warmup_steps=1000), streak=0, step=1)
+  assert judgement.verdict == verdict.COLLAPSED
   assert "non-finite" in judgement.reasons[0]
 
 
 def test_warm_up_leaves_a_young_generator_that_draws_one_face_unjudged():
-  judgement = collapse.judge(_signals(ms_ssim=0.9), _config(warmup_steps=100), streak=0, step=50)
-  assert judgement.verdict == collapse.UNJUDGED
-  later = collapse.judge(_signals(ms_ssim=0.9), _config(warmup_steps=100), streak=0, step=100)
-  assert later.verdict == collapse.SUSPECT
+  judgement = verdict.judge(_signals(ms_ssim=0.9), _config(warmup_steps=100), streak=0, step=50)
+  assert judgement.verdict == verdict.UNJUDGED
+  later = verdict.judge(_signals(ms_ssim=0.9), _config(warmup_steps=100), streak=0, step=100)
+  assert later.verdict == verdict.SUSPECT
 
 
 def test_probe_sees_a_generator_that_draws_one_face_as_collapsed():
@@ -85,29 +87,31 @@ def test_probe_sees_a_generator_that_draws_one_face_as_collapsed():
       + 0.01 * z[:, :1, None, None]
     )
 
-  probe = collapse.HealthProbe(config, real, noise, one_face, jax.random.PRNGKey(0))
-  signals = probe({"face": jnp.asarray(real[0])}, None)
-  assert signals["modes_covered"] <= 2 < signals["modes_covered_real"]
-  assert signals["duplicate_rate"] == 1.0
-  judgement = collapse.judge(signals, config.collapse, streak=config.collapse.patience - 1, step=1)
-  assert judgement.verdict == collapse.COLLAPSED
+  probe = signals.HealthProbe(config, real, noise, one_face, jax.random.PRNGKey(0))
+  measured = probe({"face": jnp.asarray(real[0])}, None)
+  assert measured["modes_covered"] <= 2 < measured["modes_covered_real"]
+  assert measured["duplicate_rate"] == 1.0
+  judgement = verdict.judge(measured, config.collapse, streak=config.collapse.patience - 1, step=1)
+  assert judgement.verdict == verdict.COLLAPSED
 
 
 def test_policy_never_drops_the_last_healthy_checkpoint(tmp_path):
   config = tiny_config("dense").checkpoint
   config.keep_latest = 2
-  _, state = train.create_train_state(tiny_config("dense"))
-  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), config)
+  _, state = state_lib.create_train_state(tiny_config("dense"))
+  ckpt = checkpointing.Checkpointer(
+    str(tmp_path / "checkpoints"), config, keep_last_where=verdict.is_healthy
+  )
   for step in range(2, 14, 2):
-    verdict = 0 if step <= 4 else 1
-    ckpt.save(step, state, {checkpointing.VERDICT: verdict})
+    index = 0 if step <= 4 else 1
+    ckpt.save(step, state, {verdict.VERDICT_METRIC: index})
   ckpt.wait()
   assert ckpt.all_steps() == [4, 10, 12]
-  assert ckpt.healthy_steps(before=12) == [4]
+  assert ckpt.steps_where(verdict.is_healthy, before=12) == [4]
 
 
 def _rollbacks(workdir):
-  with open(os.path.join(workdir, collapse.ROLLBACKS_FILE)) as f:
+  with open(os.path.join(workdir, rollback.ROLLBACKS_FILE)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -123,16 +127,16 @@ def _poison(workdir, config, from_step):
   """Saves a checkpoint at from_step + 1 whose learning rates make the next step non-finite,
   judged suspect, as the detector would have left it."""
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  _, template = train.create_train_state(config)
+  _, template = state_lib.create_train_state(config)
   state = ckpt.restore(from_step, template).replace(step=jnp.int32(from_step + 1))
-  poisoned = train.with_hyperparams(state, learning_rate=(1e30, 1e30))
-  ckpt.save(from_step + 1, poisoned, {checkpointing.VERDICT: collapse.VERDICTS.index("suspect")})
+  poisoned = state_lib.with_hyperparams(state, learning_rate=(1e30, 1e30))
+  ckpt.save(from_step + 1, poisoned, {verdict.VERDICT_METRIC: verdict.VERDICTS.index("suspect")})
   ckpt.wait()
   ckpt.close()
 
 
 def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(workdir):
-  train.train_and_evaluate(
+  trainer.train_and_evaluate(
     _judge_only_non_finite(tiny_config("dense", train__num_steps=4)), workdir
   )
   config = _judge_only_non_finite(tiny_config("dense", train__num_steps=8))
@@ -140,38 +144,38 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
   config.collapse.rollback_b1 = 0.3
   _poison(workdir, config, 4)
 
-  final = train.train_and_evaluate(config, workdir)
+  final = trainer.train_and_evaluate(config, workdir)
 
   (event,) = _rollbacks(workdir)
   assert (event["from_step"], event["to_step"]) == (6, 4)
   assert "non-finite" in event["reason"]
   # Half the lower of the healthy and the fallen rates, not half the poisoned one.
   assert event["g_lr"] == pytest.approx(0.5 * config.train.g_lr)
-  assert float(train.learning_rates(final)[1]) == pytest.approx(0.5 * config.train.d_lr)
+  assert float(state_lib.learning_rates(final)[1]) == pytest.approx(0.5 * config.train.d_lr)
   assert event["b1"] == 0.3
-  assert float(final.g_opt_state.hyperparams["b1"]) == pytest.approx(0.3)
-  assert float(final.d_opt_state.hyperparams["b1"]) == pytest.approx(0.3)
+  assert float(final.g.opt_state.hyperparams["b1"]) == pytest.approx(0.3)
+  assert float(final.d.opt_state.hyperparams["b1"]) == pytest.approx(0.3)
   assert int(final.step) == 8
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final.g_params))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final.g.params))
   done = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  assert checkpointing.is_healthy(done.metrics(8))
+  assert verdict.is_healthy(done.metrics(8))
   aside = os.path.join(workdir, checkpointing.ASIDE_DIR)
   assert any("5" in os.listdir(os.path.join(aside, d)) for d in os.listdir(aside))
 
 
 def test_with_only_warm_up_checkpoints_a_rollback_starts_afresh(workdir):
   # The smoke configs' warm-up outlasts these runs: their checkpoints are never judged.
-  train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   config = tiny_config("dense", train__num_steps=6)
   _poison(workdir, config, 4)
 
-  final = train.train_and_evaluate(config, workdir)
+  final = trainer.train_and_evaluate(config, workdir)
 
   (event,) = _rollbacks(workdir)
   assert (event["from_step"], event["to_step"]) == (6, 0)
   assert int(final.step) == 6
   done = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  assert checkpointing.verdict(done.metrics(6)) == collapse.UNJUDGED
+  assert verdict.verdict_of(done.metrics(6)) == verdict.UNJUDGED
   (aside,) = os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR))
   moved = os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR, aside))
   assert sorted(moved, key=int) == ["2", "4", "5"]
@@ -179,7 +183,7 @@ def test_with_only_warm_up_checkpoints_a_rollback_starts_afresh(workdir):
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_a_damaged_checkpoint_is_skipped_with_a_warning_for_the_one_before(damage, workdir, caplog):
-  train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   data = os.path.join(workdir, "checkpoints", "4", "default", "ocdbt.process_0", "d")
   for name in os.listdir(data):
     if damage == "missing":
@@ -187,7 +191,7 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning_for_the_one_before(damag
     else:
       os.truncate(os.path.join(data, name), os.path.getsize(os.path.join(data, name)) // 2)
 
-  final = train.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
+  final = trainer.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
 
   assert "Skipping the checkpoint of step 4: it cannot be read" in caplog.text
   assert int(final.step) == 6
@@ -200,12 +204,12 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning_for_the_one_before(damag
 def test_with_rollback_off_a_collapse_stops_the_run_with_one_line(workdir):
   config = tiny_config("dense", train__g_lr=1e30, train__d_lr=1e30)
   config.collapse.rollback = False
-  with pytest.raises(collapse.CollapseError, match="training collapsed at step 2 .*non-finite"):
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(verdict.CollapseError, match="training collapsed at step 2 .*non-finite"):
+    trainer.train_and_evaluate(config, workdir)
 
 
 def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
-  train.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
   listed = run_script("checkpoints.py", "list", f"--workdir={workdir}")
   assert listed.returncode == 0, listed.stderr[-2000:]
   rows = [line.split() for line in listed.stdout.splitlines()]
@@ -223,7 +227,7 @@ def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
   moved = run_script("checkpoints.py", "rollback", f"--workdir={workdir}", "--step=2")
   assert moved.returncode == 0, moved.stderr[-2000:]
   assert run_script("checkpoints.py", "list", f"--workdir={workdir}").stdout.count("unjudged") == 1
-  resumed = train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  resumed = trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   assert int(resumed.step) == 4
 
 

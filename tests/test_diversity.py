@@ -65,7 +65,7 @@ def test_diverse_batch_has_no_near_duplicates():
 
 
 def test_real_synthetic_faces_stay_below_the_near_duplicate_threshold():
-  synthetic_faces = pytest.importorskip("gan.datasets.synthetic_faces")
+  synthetic_faces = pytest.importorskip("gan.data.synthetic_faces")
   images, _ = synthetic_faces.render(256, SIZE, seed=0)
   distances = nearest_neighbour_distances(jnp.asarray(images, jnp.float32) / 127.5 - 1)
   assert float(jnp.min(distances)) > NEAR_DUPLICATE_THRESHOLD

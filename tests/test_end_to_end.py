@@ -8,14 +8,14 @@ import signal
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-from conftest import ROOT, run_script, tiny_config
+from conftest import ROOT, plain_leaves, run_script, tiny_config
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from gan import train
+from gan import config as config_lib
+from gan import inference, trainer
 from gan.errors import UserError
 
 
@@ -71,31 +71,31 @@ def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
 
 def test_restart_resumes_where_the_last_run_stopped_and_matches_an_unbroken_run(tmp_path):
   broken, unbroken = str(tmp_path / "broken"), str(tmp_path / "unbroken")
-  train.train_and_evaluate(tiny_config("dcgan", train__num_steps=2), broken)
+  trainer.train_and_evaluate(tiny_config("dcgan", train__num_steps=2), broken)
   assert _saved_steps(broken) == [2]
-  resumed = train.train_and_evaluate(tiny_config("dcgan", train__num_steps=4), broken)
+  resumed = trainer.train_and_evaluate(tiny_config("dcgan", train__num_steps=4), broken)
   assert _saved_steps(broken) == [2, 4]
-  straight = train.train_and_evaluate(tiny_config("dcgan", train__num_steps=4), unbroken)
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+  straight = trainer.train_and_evaluate(tiny_config("dcgan", train__num_steps=4), unbroken)
+  for a, b in zip(plain_leaves(resumed), plain_leaves(straight), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
 def test_restore_step_starts_from_an_earlier_checkpoint(workdir):
-  train.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
   assert _saved_steps(workdir) == [2, 4, 6]
   config = tiny_config("dense", train__num_steps=6)
   config.restore_step = 2
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
   assert _saved_steps(workdir) == [2, 4, 6]
   assert glob.glob(os.path.join(workdir, "checkpoints_aside", "*", "4"))
 
 
 def test_restore_step_that_was_never_saved_is_one_clear_error(workdir):
-  train.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
   config = tiny_config("dense")
   config.restore_step = 3
   with pytest.raises(UserError, match="no checkpoint at step 3.*saved steps: 2"):
-    train.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.parametrize(
@@ -141,14 +141,14 @@ def test_a_termination_signal_saves_after_the_current_step_and_exits_cleanly(sig
 
 
 def test_load_run_gives_back_the_config_and_the_saved_state(workdir):
-  final = train.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
-  config, nets, state = train.load_run(workdir)
+  final = trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
+  config, nets, state = inference.load_run(workdir)
   assert config.model.name == "dense" and nets.latent_dim == config.model.latent_dim
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(final), strict=True):
+  for a, b in zip(plain_leaves(state), plain_leaves(final), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert int(train.load_run(workdir, step=2)[2].step) == 2
+  assert int(inference.load_run(workdir, step=2)[2].step) == 2
   with pytest.raises(UserError, match="no training run"):
-    train.load_run(os.path.join(workdir, "missing"))
+    inference.load_run(os.path.join(workdir, "missing"))
 
 
 # default.py holds the shared settings, not a recipe.
@@ -161,6 +161,6 @@ _RECIPES = sorted(
 def test_every_recipe_has_a_valid_smoke_run_on_synthetic_faces(name):
   module = importlib.import_module(f"configs.{name}")
   config = module.get_config("smoke")
-  train.validate_config(config)
+  config_lib.validate(config)
   assert config.data.source == "synthetic_faces"
   assert config.train.num_steps <= 100

@@ -6,7 +6,8 @@ import os
 import pytest
 from conftest import run_script, tiny_config
 
-from gan import checkpointing, train
+from gan import checkpointing, trainer
+from gan import state as state_lib
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,7 @@ def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config("dense", train__num_steps=4)
   config.eval.num_samples = 16
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -29,7 +30,7 @@ def test_every_checkpoint_stores_the_quality_metrics(run):
 def test_policy_keeps_the_best_checkpoint_by_the_chosen_metric(tmp_path):
   config = tiny_config("dense")
   config.checkpoint.keep_latest = 1
-  _, state = train.create_train_state(config)
+  _, state = state_lib.create_train_state(config)
   ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), config.checkpoint)
   for step, swd in [(2, 50.0), (4, 10.0), (6, 30.0), (8, 40.0)]:
     ckpt.save(step, state, {"eval/swd_mean": swd})

@@ -16,8 +16,7 @@ from conftest import ROOT
 from PIL import Image
 
 from configs import default
-from gan import input_pipeline
-from gan.datasets import image_folder, synthetic_faces
+from gan.data import image_folder, pipeline, synthetic_faces
 from gan.errors import UserError
 
 RESOLUTION = 16
@@ -57,7 +56,7 @@ def to_uint8(images):
 
 
 def test_batches_are_float32_images_in_minus_one_to_one_and_int32_labels():
-  batch = next(input_pipeline.create_dataset(data_config(), batch_size=8, seed=0))
+  batch = next(pipeline.create_dataset(data_config(), batch_size=8, seed=0))
   assert batch["image"].shape == (8, RESOLUTION, RESOLUTION, 3)
   assert batch["image"].dtype == np.float32
   assert batch["image"].min() >= -1 and batch["image"].max() <= 1
@@ -68,7 +67,7 @@ def test_batches_are_float32_images_in_minus_one_to_one_and_int32_labels():
 @pytest.mark.parametrize("cache", [True, False])
 def test_an_epoch_holds_every_synthetic_face_once_with_its_label(cache):
   config = data_config(random_flip=False, cache=cache)
-  epoch = take(input_pipeline.create_dataset(config, batch_size=10, seed=0), 10)
+  epoch = take(pipeline.create_dataset(config, batch_size=10, seed=0), 10)
   images = np.concatenate([to_uint8(b["image"]) for b in epoch])
   labels = np.concatenate([b["label"] for b in epoch])
   expected_images, expected_labels = synthetic_faces.render(100, RESOLUTION, config.seed)
@@ -80,28 +79,28 @@ def test_an_epoch_holds_every_synthetic_face_once_with_its_label(cache):
 
 
 def test_num_examples_of_synthetic_faces_is_the_configured_number():
-  assert input_pipeline.num_examples(data_config(num_examples=123)) == 123
+  assert pipeline.num_examples(data_config(num_examples=123)) == 123
 
 
 # --- determinism and resumption ---------------------------------------------------------------
 
 
 def test_the_same_seed_gives_the_same_batches():
-  a = take(input_pipeline.create_dataset(data_config(), batch_size=8, seed=7), 20)
-  b = take(input_pipeline.create_dataset(data_config(), batch_size=8, seed=7), 20)
+  a = take(pipeline.create_dataset(data_config(), batch_size=8, seed=7), 20)
+  b = take(pipeline.create_dataset(data_config(), batch_size=8, seed=7), 20)
   assert_same_batches(a, b)
 
 
 def test_a_different_seed_gives_a_different_order():
-  a = next(input_pipeline.create_dataset(data_config(), batch_size=8, seed=0))
-  b = next(input_pipeline.create_dataset(data_config(), batch_size=8, seed=1))
+  a = next(pipeline.create_dataset(data_config(), batch_size=8, seed=0))
+  b = next(pipeline.create_dataset(data_config(), batch_size=8, seed=1))
   assert not np.array_equal(a["label"], b["label"])
 
 
 def test_the_order_is_pinned_across_runs():
   # The first labels of seed 0: a change here changes the data order of every run (and of
   # every run resumed from an old checkpoint), so change it only on purpose.
-  batch = next(input_pipeline.create_dataset(data_config(), batch_size=8, seed=0))
+  batch = next(pipeline.create_dataset(data_config(), batch_size=8, seed=0))
   assert batch["label"].tolist() == PINNED_FIRST_LABELS
 
 
@@ -112,7 +111,7 @@ PINNED_FIRST_LABELS = [756, 270, 943, 905, 724, 133, 137, 168]
 def test_a_global_tensorflow_seed_does_not_change_the_order(global_seed):
   tf.random.set_seed(global_seed)
   try:
-    batch = next(input_pipeline.create_dataset(data_config(), batch_size=8, seed=0))
+    batch = next(pipeline.create_dataset(data_config(), batch_size=8, seed=0))
   finally:
     tf.random.set_seed(None)
   assert batch["label"].tolist() == PINNED_FIRST_LABELS
@@ -120,7 +119,7 @@ def test_a_global_tensorflow_seed_does_not_change_the_order(global_seed):
 
 def test_epochs_are_shuffled_differently():
   config = data_config(random_flip=False)
-  epochs = take(input_pipeline.create_dataset(config, batch_size=10, seed=0), 20)
+  epochs = take(pipeline.create_dataset(config, batch_size=10, seed=0), 20)
   first = np.concatenate([b["label"] for b in epochs[:10]])
   second = np.concatenate([b["label"] for b in epochs[10:]])
   assert sorted(first) == sorted(second) and not np.array_equal(first, second)
@@ -129,16 +128,14 @@ def test_epochs_are_shuffled_differently():
 @pytest.mark.parametrize("start_step", [1, 12, 13, 25, 40])
 def test_resuming_at_a_step_continues_the_uninterrupted_sequence(start_step):
   # 100 examples in batches of 8: epochs end in the middle of batches 12, 25 and 37.
-  uninterrupted = take(input_pipeline.create_dataset(data_config(), batch_size=8, seed=3), 45)
-  resumed = input_pipeline.create_dataset(
-    data_config(), batch_size=8, seed=3, start_step=start_step
-  )
+  uninterrupted = take(pipeline.create_dataset(data_config(), batch_size=8, seed=3), 45)
+  resumed = pipeline.create_dataset(data_config(), batch_size=8, seed=3, start_step=start_step)
   assert_same_batches(take(resumed, 5), uninterrupted[start_step : start_step + 5])
 
 
 def test_caching_does_not_change_the_batches():
-  cached = take(input_pipeline.create_dataset(data_config(cache=True), batch_size=8, seed=0), 15)
-  uncached = take(input_pipeline.create_dataset(data_config(cache=False), batch_size=8, seed=0), 15)
+  cached = take(pipeline.create_dataset(data_config(cache=True), batch_size=8, seed=0), 15)
+  uncached = take(pipeline.create_dataset(data_config(cache=False), batch_size=8, seed=0), 15)
   assert_same_batches(cached, uncached)
 
 
@@ -152,28 +149,25 @@ def rendered(monkeypatch):
     positions.extend(indices)
     return render_indices(indices, resolution, seed)
 
-  monkeypatch.setattr(input_pipeline.synthetic_faces, "render_indices", render)
+  monkeypatch.setattr(pipeline.synthetic_faces, "render_indices", render)
   return positions
 
 
-def test_a_rebuilt_pipeline_reuses_what_the_last_one_decoded(rendered):
-  config = data_config(num_examples=97)  # a size no other test caches
-  first = take(input_pipeline.create_dataset(config, batch_size=8, seed=0), 13)  # > 1 epoch
+def test_pipelines_of_one_source_share_what_it_decoded(rendered):
+  source = pipeline.Source(data_config(num_examples=97))
+  first = take(source.batches(batch_size=8, seed=0), 13)  # > 1 epoch
   assert sorted(set(rendered)) == list(range(97))
   rendered.clear()
-  again = take(input_pipeline.create_dataset(config, batch_size=8, seed=0, start_step=3), 10)
+  again = take(source.batches(batch_size=8, seed=0, start_step=3), 10)
   assert rendered == []
   assert_same_batches(again, first[3:13])
-  take(input_pipeline.create_dataset(data_config(num_examples=98), batch_size=8, seed=0), 1)
-  assert rendered  # another source is decoded afresh
 
 
-def test_forgotten_images_are_decoded_again(rendered):
+def test_a_newly_opened_source_decodes_afresh(rendered):
   config = data_config(num_examples=96)
-  take(input_pipeline.create_dataset(config, batch_size=8, seed=0), 13)  # every position
-  input_pipeline.forget_decoded()
+  take(pipeline.create_dataset(config, batch_size=8, seed=0), 13)  # every position
   rendered.clear()
-  take(input_pipeline.create_dataset(config, batch_size=8, seed=0), 1)
+  take(pipeline.create_dataset(config, batch_size=8, seed=0), 1)
   assert rendered
 
 
@@ -181,10 +175,8 @@ def test_forgotten_images_are_decoded_again(rendered):
 
 
 def test_random_flip_mirrors_some_images_and_only_mirrors():
-  flipped = take(input_pipeline.create_dataset(data_config(), batch_size=10, seed=0), 10)
-  plain = take(
-    input_pipeline.create_dataset(data_config(random_flip=False), batch_size=10, seed=0), 10
-  )
+  flipped = take(pipeline.create_dataset(data_config(), batch_size=10, seed=0), 10)
+  plain = take(pipeline.create_dataset(data_config(random_flip=False), batch_size=10, seed=0), 10)
   num_mirrored = 0
   for f, p in zip(flipped, plain, strict=True):
     np.testing.assert_array_equal(f["label"], p["label"])
@@ -199,7 +191,7 @@ def test_without_random_flip_every_image_is_a_source_image():
   config = data_config(random_flip=False)
   source, _ = synthetic_faces.render(100, RESOLUTION, config.seed)
   source = {image.tobytes() for image in source}
-  for batch in take(input_pipeline.create_dataset(config, batch_size=10, seed=0), 20):
+  for batch in take(pipeline.create_dataset(config, batch_size=10, seed=0), 20):
     assert all(image.tobytes() in source for image in to_uint8(batch["image"]))
 
 
@@ -208,25 +200,25 @@ def test_without_random_flip_every_image_is_a_source_image():
 
 def test_a_batch_larger_than_the_dataset_is_a_user_error():
   with pytest.raises(UserError, match="batch size 101 is larger than the 100 images"):
-    input_pipeline.create_dataset(data_config(), batch_size=101, seed=0)
+    pipeline.create_dataset(data_config(), batch_size=101, seed=0)
 
 
 def test_an_unknown_source_is_a_user_error():
   with pytest.raises(UserError, match="unknown data.source 'mnist'"):
-    input_pipeline.num_examples(data_config(source="mnist"))
+    pipeline.num_examples(data_config(source="mnist"))
 
 
 @pytest.mark.parametrize("path", ["", "does/not/exist"])
 def test_a_missing_image_folder_is_a_user_error(tmp_path, path):
   config = data_config(source="image_folder", path=str(tmp_path / path) if path else "")
   with pytest.raises(UserError, match="data.path"):
-    input_pipeline.num_examples(config)
+    pipeline.num_examples(config)
 
 
 def test_an_empty_image_folder_is_a_user_error(tmp_path):
   (tmp_path / "notes.txt").write_text("no images here")
   with pytest.raises(UserError, match=f"no image files .* under {tmp_path}"):
-    input_pipeline.create_dataset(
+    pipeline.create_dataset(
       data_config(source="image_folder", path=str(tmp_path)), batch_size=1, seed=0
     )
 
@@ -235,7 +227,7 @@ def test_a_folder_of_only_bad_images_is_a_user_error(tmp_path):
   (tmp_path / "a.jpg").write_bytes(b"")
   (tmp_path / "b.png").write_text("not a png")
   with pytest.raises(UserError, match=f"no readable images under {tmp_path}"):
-    input_pipeline.num_examples(data_config(source="image_folder", path=str(tmp_path)))
+    pipeline.num_examples(data_config(source="image_folder", path=str(tmp_path)))
 
 
 # --- image folders ---------------------------------------------------------------------------
@@ -274,8 +266,8 @@ def test_find_images_searches_recursively_in_sorted_order(tmp_path):
 def test_an_image_folder_gives_batches_of_its_images_labelled_minus_one(tmp_path):
   write_good_images(tmp_path)
   config = data_config(source="image_folder", path=str(tmp_path), random_flip=False)
-  assert input_pipeline.num_examples(config) == 12
-  epoch = take(input_pipeline.create_dataset(config, batch_size=4, seed=0), 3)
+  assert pipeline.num_examples(config) == 12
+  epoch = take(pipeline.create_dataset(config, batch_size=4, seed=0), 3)
   for batch in epoch:
     assert batch["image"].shape == (4, RESOLUTION, RESOLUTION, 3)
     np.testing.assert_array_equal(batch["label"], -1)
@@ -412,8 +404,8 @@ def test_a_folder_with_every_kind_of_bad_file_trains_on_the_good_ones(tmp_path, 
   num_good = 8 + len(CONVERTED)
 
   with caplog.at_level(logging.WARNING):
-    assert input_pipeline.num_examples(config) == num_good
-    batches = take(input_pipeline.create_dataset(config, batch_size=5, seed=0), 12)  # 3 epochs
+    assert pipeline.num_examples(config) == num_good
+    batches = take(pipeline.create_dataset(config, batch_size=5, seed=0), 12)  # 3 epochs
   for batch in batches:
     assert batch["image"].shape == (5, RESOLUTION, RESOLUTION, 3)
     assert np.isfinite(batch["image"]).all()
@@ -437,7 +429,7 @@ def break_after_indexing(path):
 def test_a_file_that_breaks_after_indexing_stands_in_for_by_another_of_its_batch(tmp_path, caplog):
   write_good_images(tmp_path, count=6)
   config = data_config(source="image_folder", path=str(tmp_path), cache=False, random_flip=False)
-  intact = take(input_pipeline.create_dataset(config, batch_size=2, seed=0), 9)  # 3 epochs
+  intact = take(pipeline.create_dataset(config, batch_size=2, seed=0), 9)  # 3 epochs
   broken = to_uint8(intact[0]["image"][0])  # whichever image comes first breaks
   (path,) = [
     p
@@ -446,7 +438,7 @@ def test_a_file_that_breaks_after_indexing_stands_in_for_by_another_of_its_batch
   ]
   break_after_indexing(path)
   with caplog.at_level(logging.WARNING):
-    batches = take(input_pipeline.create_dataset(config, batch_size=2, seed=0), 9)
+    batches = take(pipeline.create_dataset(config, batch_size=2, seed=0), 9)
   stand_ins = 0
   for before, after in zip(intact, batches, strict=True):
     for row, image in enumerate(to_uint8(before["image"])):
@@ -462,21 +454,21 @@ def test_a_file_that_breaks_after_indexing_stands_in_for_by_another_of_its_batch
 def test_a_batch_of_which_nothing_decodes_any_more_is_a_clear_error(tmp_path):
   write_good_images(tmp_path, count=4)
   config = data_config(source="image_folder", path=str(tmp_path), cache=False)
-  next(input_pipeline.create_dataset(config, batch_size=2, seed=0))
+  next(pipeline.create_dataset(config, batch_size=2, seed=0))
   for path in image_folder.find_images(str(tmp_path)):
     break_after_indexing(path)
   with pytest.raises(UserError, match="^none of the 2 images of a batch decodes any more: the"):
-    next(input_pipeline.create_dataset(config, batch_size=2, seed=0))
+    next(pipeline.create_dataset(config, batch_size=2, seed=0))
 
 
 # --- lifetime -------------------------------------------------------------------------------
 
 _ONE_BATCH_THEN_EXIT = """
 from configs import default
-from gan import input_pipeline
+from gan.data import pipeline
 config = default.get_config("smoke").data
 config.update(dict(resolution=128, num_examples=4096))  # slow batches: some still loading
-batches = input_pipeline.create_dataset(config, batch_size=256, seed=0)
+batches = pipeline.create_dataset(config, batch_size=256, seed=0)
 next(batches)
 print("exiting")
 """
@@ -496,7 +488,7 @@ def test_a_process_exits_while_its_pipeline_is_still_loading_batches():
 
 
 def test_closed_batches_end():
-  batches = input_pipeline.create_dataset(data_config(), batch_size=8, seed=0)
+  batches = pipeline.create_dataset(data_config(), batch_size=8, seed=0)
   next(batches)
   batches.close()
   assert list(batches) == []

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gan.datasets import synthetic_faces
+from gan.data import synthetic_faces
 from gan.errors import UserError
 from gan.metrics import mode_classifier
 from gan.metrics.mode_classifier import (

@@ -11,17 +11,19 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, plain_leaves, run_script
 
-from gan import checkpointing, collapse, parallel, train
+from gan import checkpointing, inference, parallel, rollback
+from gan import state as state_lib
 from gan.errors import UserError
+from gan.health import verdict
 
 # Runs in a fresh Python that sees 8 CPU devices; prints one JSON line of results.
 _ON_EIGHT_DEVICES = """
 import json, sys
 import jax, numpy as np
-from conftest import tiny_config
-from gan import train
+from conftest import plain_leaves, tiny_config
+from gan import trainer
 from gan.errors import UserError
 
 workdir = sys.argv[1]
@@ -29,17 +31,17 @@ workdir = sys.argv[1]
 def run(name, devices, steps):
   config = tiny_config("dcgan", train__num_steps=steps, mesh__data_axis_size=devices)
   config.eval.metrics = ()  # the state is compared, not the quality metrics
-  return train.train_and_evaluate(config, f"{workdir}/{name}")
+  return trainer.train_and_evaluate(config, f"{workdir}/{name}")
 
 def gap(a, b):
-  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  pairs = zip(plain_leaves(a), plain_leaves(b), strict=True)
   return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
              for x, y in pairs)
 
 # Four steps: GAN training amplifies float rounding (Adam divides tiny gradients by their own
 # scale), so longer runs drift apart by more than rounding even when every step is right.
 one, eight = run("one", 1, 4), run("eight", 8, 4)
-sharding = jax.tree.leaves(eight)[1].sharding
+sharding = plain_leaves(eight)[1].sharding
 results = {
   "devices": len(jax.devices()),
   "state_devices": len(sharding.device_set),
@@ -50,7 +52,7 @@ run("one_then_eight", 1, 2)
 results["saved_on_eight_resumed_on_one"] = gap(one, run("two_then_one", 1, 4))
 results["saved_on_one_resumed_on_eight"] = gap(one, run("one_then_eight", 8, 4))
 try:
-  train.train_and_evaluate(tiny_config("dcgan", train__batch_size=12), f"{workdir}/uneven")
+  trainer.train_and_evaluate(tiny_config("dcgan", train__batch_size=12), f"{workdir}/uneven")
 except UserError as e:
   results["uneven_error"] = str(e)
 print(json.dumps(results))
@@ -171,30 +173,30 @@ def test_two_processes_roll_back_together(tmp_path):
     assert process.returncode == 0, process.stderr[-3000:]
   # A checkpoint at step 5 whose learning rates make the next step non-finite (as in
   # test_collapse), written here on one device: checkpoints move between device counts.
-  config, _, _ = train.load_run(workdir)
+  config, _, _ = inference.load_run(workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  _, template = train.create_train_state(config)
+  _, template = state_lib.create_train_state(config)
   state = ckpt.restore(4, template).replace(step=jax.numpy.int32(5))
-  suspect = {checkpointing.VERDICT: collapse.VERDICTS.index("suspect")}
-  ckpt.save(5, train.with_hyperparams(state, learning_rate=(1e30, 1e30)), suspect)
+  suspect = {verdict.VERDICT_METRIC: verdict.VERDICTS.index("suspect")}
+  ckpt.save(5, state_lib.with_hyperparams(state, learning_rate=(1e30, 1e30)), suspect)
   ckpt.wait()
   ckpt.close()
 
   first, second = _two_processes(workdir, 8, *_JUDGE_ONLY_NON_FINITE)
   assert first.returncode == second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
-  with open(os.path.join(workdir, collapse.ROLLBACKS_FILE)) as f:
+  with open(os.path.join(workdir, rollback.ROLLBACKS_FILE)) as f:
     (event,) = [json.loads(line) for line in f]  # one rollback, written once for both
   assert (event["from_step"], event["to_step"]) == (6, 4) and "non-finite" in event["reason"]
-  _, _, final = train.load_run(workdir)
+  _, _, final = inference.load_run(workdir)
   assert int(final.step) == 8
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final))
+  assert all(np.isfinite(np.asarray(x)).all() for x in plain_leaves(final))
   assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()[-1] == 8
 
 
 def _gap(workdir_a: str, workdir_b: str) -> float:
-  _, _, a = train.load_run(workdir_a)
-  _, _, b = train.load_run(workdir_b)
-  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  _, _, a = inference.load_run(workdir_a)
+  _, _, b = inference.load_run(workdir_b)
+  pairs = zip(plain_leaves(a), plain_leaves(b), strict=True)
   return max(
     float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in pairs
   )

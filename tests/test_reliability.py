@@ -13,17 +13,18 @@ import pytest
 from conftest import ROOT, run_script, tiny_config
 
 from configs import dcgan
-from gan import checkpointing, train
+from gan import checkpointing, trainer
+from gan import state as state_lib
 
 # A run in a child process that can be killed: the tiny dense config, asynchronous saves.
 _KILLABLE = """
 import sys
 from conftest import tiny_config
-from gan import train
+from gan import trainer
 config = tiny_config("dense", **{k: int(v) for k, v in (a.split("=") for a in sys.argv[2:])})
 config.checkpoint.asynchronous = True
 config.eval.metrics = ()
-train.train_and_evaluate(config, sys.argv[1])
+trainer.train_and_evaluate(config, sys.argv[1])
 """
 _SETTINGS = {
   "train__num_steps": 100,
@@ -88,8 +89,8 @@ def test_killed_twenty_times_the_run_resumes_and_ends_bit_for_bit_as_an_unbroken
 
   config = tiny_config("dense", **_SETTINGS)
   config.eval.metrics = ()
-  unbroken = train.train_and_evaluate(config, str(tmp_path / "unbroken"))
-  _, template = train.create_train_state(config)
+  unbroken = trainer.train_and_evaluate(config, str(tmp_path / "unbroken"))
+  _, template = state_lib.create_train_state(config)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   resumed = ckpt.restore(_SETTINGS["train__num_steps"], template)
   for a, b in zip(_leaves(resumed), _leaves(unbroken), strict=True):
@@ -116,7 +117,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_earlier_ones
   first = run_script("train.py", *flags)
   assert first.returncode == 0, first.stderr[-2000:]
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  _, template = train.create_train_state(dcgan.get_config("smoke"))
+  _, template = state_lib.create_train_state(dcgan.get_config("smoke"))
   saved = _leaves(ckpt.restore(20, template))
 
   # Files may not grow past 500 kB: the events and samples fit, the next checkpoint does not.

@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-from gan import sampling, train
+from gan import sampling, trainer
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "sample.py")
 RESOLUTION = 32  # the smoke configs' image size
@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
   """
   folder = tmp_path_factory.mktemp("sample")
   workdir = str(folder / "run")
-  train.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
   processes = {}
   for name, args in _RUNS.items():
     args = [a.replace("--out=", f"--out={folder}/") for a in args]

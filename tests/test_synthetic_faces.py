@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from gan.datasets import synthetic_faces
+from gan.data import synthetic_faces
 
 PALETTES = {
   "hair": synthetic_faces.HAIR_COLOURS,

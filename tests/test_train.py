@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import plain_leaves, tiny_config
 
-from gan import losses, monitoring, train
+from gan import config as config_lib
+from gan import losses, monitoring, trainer
+from gan import state as state_lib
+from gan import step as step_lib
 from gan.errors import UserError
 
 
@@ -20,43 +23,41 @@ def _real_batch(config, seed=0):
 
 
 def _assert_trees_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+  for x, y in zip(plain_leaves(a), plain_leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("family", ["dcgan", "dense"])
 def test_train_state_holds_both_networks_and_starts_at_step_zero(family):
-  _, state = train.create_train_state(tiny_config(family))
+  _, state = state_lib.create_train_state(tiny_config(family))
   assert int(state.step) == 0
-  assert jax.tree.leaves(state.g_params) and jax.tree.leaves(state.d_params)
-  _assert_trees_equal(state.ema_params, state.g_params)
+  assert plain_leaves(state.g.params) and plain_leaves(state.d.params)
+  _assert_trees_equal(state.ema, state.g.params)
 
 
 def test_discriminator_update_lowers_its_loss_on_a_fixed_batch():
   config = tiny_config("dcgan")
-  nets, state = train.create_train_state(config)
+  nets, state = state_lib.create_train_state(config)
   real = jnp.asarray(_real_batch(config)["image"])
   z = jax.random.normal(jax.random.PRNGKey(1), (real.shape[0], nets.latent_dim))
-  fake = train.generate(nets, state.g_params, state.g_batch_stats, z)
+  fake = step_lib.generate(nets, state.g.params, state.g.batch_stats, z)
   key = jax.random.PRNGKey(2)
 
   def loss_of(s):
     return float(
-      train.discriminator_loss(
-        nets, "non_saturating", s.d_params, s.d_batch_stats, real, fake, key
-      )[0]
+      step_lib.discriminator_loss(nets, "non_saturating", s.d, s.d.params, real, fake, key)[0]
     )
 
   before = loss_of(state)
   for i in range(3):
-    state, _ = train.d_step(nets, config.train, state, real, jax.random.PRNGKey(10 + i))
+    state, _ = step_lib.d_step(nets, config.train, state, real, jax.random.PRNGKey(10 + i))
   assert loss_of(state) < before
 
 
 def test_train_step_advances_the_step_and_reports_finite_metrics():
   config = tiny_config("dense")
-  nets, state = train.create_train_state(config)
-  step = jax.jit(functools.partial(train.train_step, nets, config.train))
+  nets, state = state_lib.create_train_state(config)
+  step = jax.jit(functools.partial(step_lib.train_step, nets, config.train))
   state, metrics = step(state, _real_batch(config), jax.random.PRNGKey(0))
   assert int(state.step) == 1
   expected = {"d_loss", "g_loss", "d_real", "d_fake", "g_grad_norm", "d_grad_norm"}
@@ -71,14 +72,14 @@ def test_bfloat16_training_keeps_float32_weights_and_losses_and_follows_float32(
   runs = {}
   for dtype in ("float32", "bfloat16"):
     config = tiny_config(family, model__dtype=dtype)
-    nets, state = train.create_train_state(config)
-    step = jax.jit(functools.partial(train.train_step, nets, config.train))
+    nets, state = state_lib.create_train_state(config)
+    step = jax.jit(functools.partial(step_lib.train_step, nets, config.train))
     for i in range(3):
       state, metrics = step(state, batch, jax.random.fold_in(state.rng, i))
     runs[dtype] = state, metrics
   state, metrics = runs["bfloat16"]
-  weights = [state.g_params, state.d_params, state.ema_params, state.g_opt_state, state.d_opt_state]
-  for leaf in jax.tree.leaves(weights):
+  weights = [state.g.params, state.d.params, state.ema, state.g.opt_state, state.d.opt_state]
+  for leaf in plain_leaves(weights):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert leaf.dtype == jnp.float32
   for name in ("d_loss", "g_loss"):
@@ -89,11 +90,11 @@ def test_bfloat16_training_keeps_float32_weights_and_losses_and_follows_float32(
 
 def test_train_step_is_deterministic_for_a_seed():
   config = tiny_config("dcgan")
-  nets, _ = train.create_train_state(config)
-  step = jax.jit(functools.partial(train.train_step, nets, config.train))
+  nets, _ = state_lib.create_train_state(config)
+  step = jax.jit(functools.partial(step_lib.train_step, nets, config.train))
   results = []
   for _ in range(2):
-    _, state = train.create_train_state(config)
+    _, state = state_lib.create_train_state(config)
     for i in range(2):
       state, _ = step(state, _real_batch(config, seed=i), jax.random.fold_in(state.rng, i))
     results.append(state)
@@ -102,10 +103,12 @@ def test_train_step_is_deterministic_for_a_seed():
 
 def test_d_steps_runs_that_many_discriminator_updates():
   config = tiny_config("dense", train__d_steps=3)
-  nets, state = train.create_train_state(config)
-  state, _ = train.train_step(nets, config.train, state, _real_batch(config), jax.random.PRNGKey(0))
-  assert int(state.d_opt_state.count) == 3
-  assert int(state.g_opt_state.count) == 1
+  nets, state = state_lib.create_train_state(config)
+  state, _ = step_lib.train_step(
+    nets, config.train, state, _real_batch(config), jax.random.PRNGKey(0)
+  )
+  assert int(state.d.opt_state.count) == 3
+  assert int(state.g.opt_state.count) == 1
 
 
 @pytest.mark.parametrize("name", ["non_saturating", "hinge", "least_squares"])
@@ -133,12 +136,12 @@ def test_each_loss_rewards_d_for_telling_real_from_fake(name):
 )
 def test_bad_settings_are_refused_before_any_work(field, value, message):
   with pytest.raises(UserError, match=message):
-    train.validate_config(tiny_config("dcgan", **{field: value}))
+    config_lib.validate(tiny_config("dcgan", **{field: value}))
 
 
 def test_training_reports_where_its_time_went(workdir):
   timings = monitoring.Timings()
-  train.train_and_evaluate(tiny_config("dense"), workdir, timings)  # 4 steps, both every 2
+  trainer.train_and_evaluate(tiny_config("dense"), workdir, timings)  # 4 steps, both every 2
   assert timings.first_step > 0 and timings.steps == 3 and timings.step_seconds > 0
   assert len(timings.evaluations) == 2 and len(timings.checkpoints) == 2
   assert all(seconds > 0 for seconds in timings.evaluations + timings.checkpoints)
@@ -147,28 +150,28 @@ def test_training_reports_where_its_time_went(workdir):
 
 def test_a_resumed_run_takes_changed_adam_settings_from_its_config(workdir):
   config = tiny_config("dense", train__num_steps=2)
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
   g_lr, d_lr = config.train.g_lr, config.train.d_lr
 
   resumed = tiny_config("dense", train__num_steps=4, train__g_lr=g_lr / 4, train__b1=0.3)
-  state = train.train_and_evaluate(resumed, workdir)
-  np.testing.assert_allclose([float(r) for r in train.learning_rates(state)], [g_lr / 4, d_lr])
-  assert float(state.g_opt_state.hyperparams["b1"]) == pytest.approx(0.3)
-  assert float(state.d_opt_state.hyperparams["b1"]) == pytest.approx(0.3)
+  state = trainer.train_and_evaluate(resumed, workdir)
+  np.testing.assert_allclose([float(r) for r in state_lib.learning_rates(state)], [g_lr / 4, d_lr])
+  assert float(state.g.opt_state.hyperparams["b1"]) == pytest.approx(0.3)
+  assert float(state.d.opt_state.hyperparams["b1"]) == pytest.approx(0.3)
 
   # Resumed again with the same config: nothing more changes.
   again = tiny_config("dense", train__num_steps=6, train__g_lr=g_lr / 4, train__b1=0.3)
-  state = train.train_and_evaluate(again, workdir)
-  np.testing.assert_allclose([float(r) for r in train.learning_rates(state)], [g_lr / 4, d_lr])
+  state = trainer.train_and_evaluate(again, workdir)
+  np.testing.assert_allclose([float(r) for r in state_lib.learning_rates(state)], [g_lr / 4, d_lr])
 
 
 def test_a_changed_learning_rate_keeps_a_rollbacks_reduction():
   config = tiny_config("dense")
-  _, state = train.create_train_state(config)
+  _, state = state_lib.create_train_state(config)
   g_lr, d_lr = config.train.g_lr, config.train.d_lr
-  rolled_back = train.with_hyperparams(state, learning_rate=(g_lr / 2, d_lr / 2))
-  changed = train._apply_changed_settings(rolled_back, {"d_lr": (d_lr, 3 * d_lr)})
+  rolled_back = state_lib.with_hyperparams(state, learning_rate=(g_lr / 2, d_lr / 2))
+  changed = trainer._apply_changed_settings(rolled_back, {"d_lr": (d_lr, 3 * d_lr)})
   np.testing.assert_allclose(
-    [float(r) for r in train.learning_rates(changed)], [g_lr / 2, 3 * d_lr / 2], rtol=1e-6
+    [float(r) for r in state_lib.learning_rates(changed)], [g_lr / 2, 3 * d_lr / 2], rtol=1e-6
   )
-  assert train._apply_changed_settings(rolled_back, {}) is rolled_back
+  assert trainer._apply_changed_settings(rolled_back, {}) is rolled_back

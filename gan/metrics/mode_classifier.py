@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from gan.datasets import synthetic_faces
+from gan.data import synthetic_faces
 from gan.errors import UserError
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "synthetic_modes.npz")

@@ -19,25 +19,18 @@ and the epochs follow one another without a seam, so resuming at `start_step` st
 right epoch and position without touching the earlier ones.
 """
 
-import atexit
 import contextlib
-import os
 import re
 import threading
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from gan.datasets import image_folder, synthetic_faces
+from gan.data import image_folder, synthetic_faces
 from gan.errors import UserError
-
-# TensorFlow only feeds data; the accelerators belong to JAX. (RuntimeError: TensorFlow's
-# devices were already initialised by whoever imported it first.)
-with contextlib.suppress(RuntimeError):
-  tf.config.set_visible_devices([], "GPU")
 
 SOURCES = ("synthetic_faces", "anime_faces", "image_folder")
 
@@ -47,74 +40,97 @@ Loader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def num_examples(data_config) -> int:
   """How many examples one epoch has: the source's size after skipping bad files."""
-  _, size, _ = _source(data_config)
-  return size
+  return _source(data_config)[1]
 
 
 def create_dataset(
   data_config, *, batch_size: int, seed: int, start_step: int = 0, rows: slice | None = None
-) -> Iterator[dict[str, np.ndarray]]:
-  """An endless iterator of training batches.
-
-  Args:
-    data_config: the config's `data` section.
-    batch_size: examples per (global) batch.
-    seed: the training seed; it alone (with the config) decides the order and the flips.
-    start_step: yield the batches from this one on, as an uninterrupted iterator would.
-    rows: yield only these rows of each batch: a process's share of the global batch when
-      several processes train together. The batches are the same whatever the process count,
-      and a process loads only the images of its own rows.
-
-  Returns:
-    An iterator of {'image': float32 [B, R, R, 3] in [-1, 1], 'label': int32 [B]}; the label is
-    the synthetic_faces mode (0..999), -1 for the other sources.
-
-  Raises:
-    UserError: for a bad data config, missing or unreadable data, or a batch larger than it.
-  """
-  load, size, identity = _source(data_config)
-  if batch_size > size:
-    raise UserError(
-      f"batch size {batch_size} is larger than the {size:,} images of data.source "
-      f"{data_config.source}: lower --config.train.batch_size or use more images"
-    )
-  if data_config.cache:
-    load = _cache(load, size, identity).load
-  resolution = int(data_config.resolution)
-  random_flip = bool(data_config.random_flip)
-
-  def epoch(index):
-    order_seed, flip_seed = tf.unstack(
-      tf.random.stateless_uniform(
-        [2, 2], seed=tf.stack([tf.constant(seed, tf.int64), index]), minval=None, dtype=tf.int64
-      )
-    )
-    order = tf.random.experimental.stateless_shuffle(tf.range(size, dtype=tf.int64), order_seed)
-    flips = tf.random.stateless_uniform([size], seed=flip_seed) < 0.5
-    return tf.data.Dataset.from_tensor_slices((order, flips & random_flip))
-
-  def load_batch(positions, flips):
-    images, labels = tf.numpy_function(
-      lambda p: _whole_batch(load, p), [positions], [tf.uint8, tf.int32], stateful=False
-    )
-    images.set_shape([None, resolution, resolution, 3])
-    labels.set_shape([None])
-    images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    return {"image": tf.cast(images, tf.float32) / 127.5 - 1.0, "label": labels}
-
-  first_epoch, offset = divmod(start_step * batch_size, size)
-  positions = (
-    tf.data.Dataset.counter(first_epoch)
-    .flat_map(epoch)
-    .skip(offset)
-    .batch(batch_size, drop_remainder=True)
+) -> "Batches":
+  """`Source(data_config).batches(...)`: one pipeline of a source opened for it alone."""
+  return Source(data_config).batches(
+    batch_size=batch_size, seed=seed, start_step=start_step, rows=rows
   )
-  if rows is not None:
-    positions = positions.map(lambda order, flips: (order[rows], flips[rows]))
-  batches = positions.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  return Batches(batches.prefetch(tf.data.AUTOTUNE).with_options(options))
+
+
+class Source:
+  """A data source opened once (files indexed and checked), with the cache of what it decoded:
+  every pipeline made from it (after a rollback, for evaluation) decodes nothing twice."""
+
+  def __init__(self, data_config):
+    """Raises UserError for a bad data config or missing or unreadable data."""
+    self.config = data_config
+    load, self.size = _source(data_config)
+    self._load = _Cache(load, self.size).load if data_config.cache else load
+
+  def batches(
+    self, *, batch_size: int, seed: int, start_step: int = 0, rows: slice | None = None
+  ) -> "Batches":
+    """An endless iterator of training batches.
+
+    Args:
+      batch_size: examples per (global) batch.
+      seed: the training seed; it alone (with the config) decides the order and the flips.
+      start_step: yield the batches from this one on, as an uninterrupted iterator would.
+      rows: yield only these rows of each batch: a process's share of the global batch when
+        several processes train together. The batches are the same whatever the process count,
+        and a process loads only the images of its own rows.
+
+    Returns:
+      An iterator of {'image': float32 [B, R, R, 3] in [-1, 1], 'label': int32 [B]}; the label
+      is the synthetic_faces mode (0..999), -1 for the other sources.
+
+    Raises:
+      UserError: for a batch larger than the source.
+    """
+    data_config, load, size = self.config, self._load, self.size
+    _hide_gpus_from_tensorflow()
+    if batch_size > size:
+      raise UserError(
+        f"batch size {batch_size} is larger than the {size:,} images of data.source "
+        f"{data_config.source}: lower --config.train.batch_size or use more images"
+      )
+    resolution = int(data_config.resolution)
+    random_flip = bool(data_config.random_flip)
+
+    def epoch(index):
+      order_seed, flip_seed = tf.unstack(
+        tf.random.stateless_uniform(
+          [2, 2], seed=tf.stack([tf.constant(seed, tf.int64), index]), minval=None, dtype=tf.int64
+        )
+      )
+      order = tf.random.experimental.stateless_shuffle(tf.range(size, dtype=tf.int64), order_seed)
+      flips = tf.random.stateless_uniform([size], seed=flip_seed) < 0.5
+      return tf.data.Dataset.from_tensor_slices((order, flips & random_flip))
+
+    def load_batch(positions, flips):
+      images, labels = tf.numpy_function(
+        lambda p: _whole_batch(load, p), [positions], [tf.uint8, tf.int32], stateful=False
+      )
+      images.set_shape([None, resolution, resolution, 3])
+      labels.set_shape([None])
+      images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
+      return {"image": tf.cast(images, tf.float32) / 127.5 - 1.0, "label": labels}
+
+    first_epoch, offset = divmod(start_step * batch_size, size)
+    positions = (
+      tf.data.Dataset.counter(first_epoch)
+      .flat_map(epoch)
+      .skip(offset)
+      .batch(batch_size, drop_remainder=True)
+    )
+    if rows is not None:
+      positions = positions.map(lambda order, flips: (order[rows], flips[rows]))
+    batches = positions.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    return Batches(batches.prefetch(tf.data.AUTOTUNE).with_options(options))
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  """TensorFlow only feeds data; the accelerators belong to JAX. (RuntimeError: TensorFlow's
+  devices were initialised already, by whoever used them first.)"""
+  with contextlib.suppress(RuntimeError):
+    tf.config.set_visible_devices([], "GPU")
 
 
 class Batches(Iterator[dict[str, np.ndarray]]):
@@ -123,18 +139,18 @@ class Batches(Iterator[dict[str, np.ndarray]]):
   A UserError raised in a loader, which tf.data hands on wrapped in an UnknownError with its
   traceback, is raised again as itself. Closing stops the pipeline's threads. Left open, a
   pipeline still loading a batch would be destroyed while the interpreter shuts down, where the
-  loader can never get the GIL back and the process hangs: so every open one is closed at exit.
+  loader can never get the GIL back and the process hangs: so a finaliser closes it at exit.
   """
 
   def __init__(self, dataset: tf.data.Dataset):
-    self._iterator = dataset.as_numpy_iterator()
-    _open.add(self)
+    self._iterator = [dataset.as_numpy_iterator()]  # emptied to close
+    weakref.finalize(self, self._iterator.clear)
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._iterator is None:
+    if not self._iterator:
       raise StopIteration
     try:
-      return next(self._iterator)
+      return next(self._iterator[0])
     except tf.errors.UnknownError as e:
       found = re.search(r"^gan\.errors\.UserError: (.*)$", e.message, re.MULTILINE)
       if found is None:
@@ -142,16 +158,7 @@ class Batches(Iterator[dict[str, np.ndarray]]):
       raise UserError(found.group(1)) from None
 
   def close(self) -> None:
-    self._iterator = None
-
-
-_open: "weakref.WeakSet[Batches]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_batches() -> None:
-  for batches in list(_open):
-    batches.close()
+    self._iterator.clear()
 
 
 def _whole_batch(load: Loader, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,27 +173,6 @@ def _whole_batch(load: Loader, positions: np.ndarray) -> tuple[np.ndarray, np.nd
     first = np.argmax(decoded)
     images[~decoded], labels[~decoded] = images[first], labels[first]
   return images, labels
-
-
-_last_cache: tuple[Hashable, "_Cache"] | None = None
-_last_cache_lock = threading.Lock()
-
-
-def _cache(load: Loader, size: int, identity: Hashable) -> "_Cache":
-  """The cache of the source last cached, if it is this one, else a new one in its place: the
-  pipelines that a run rebuilds (after a rollback, for evaluation) decode nothing twice."""
-  global _last_cache
-  with _last_cache_lock:
-    if _last_cache is None or _last_cache[0] != identity:
-      _last_cache = identity, _Cache(load, size)
-    return _last_cache[1]
-
-
-def forget_decoded() -> None:
-  """Drops the decoded images kept for the next pipeline, so that it decodes afresh."""
-  global _last_cache
-  with _last_cache_lock:
-    _last_cache = None
 
 
 class _Cache:
@@ -214,9 +200,8 @@ class _Cache:
     return self._images[positions], self._labels[positions], self._stored[positions]
 
 
-def _source(data_config) -> tuple[Loader, int, Hashable]:
-  """The source's loader by position, its size (after skipping bad files), and what identifies
-  the images at its positions."""
+def _source(data_config) -> tuple[Loader, int]:
+  """The source's loader by position and its size (after skipping bad files)."""
   source = data_config.source
   resolution = int(data_config.resolution)
   if resolution < 1:
@@ -230,23 +215,18 @@ def _source(data_config) -> tuple[Loader, int, Hashable]:
       images, labels = synthetic_faces.render_indices(positions, resolution, seed)
       return images, labels, np.ones(len(positions), bool)
 
-    return render, num, (source, num, resolution, seed)
+    return render, num
   if source == "image_folder":
     index = image_folder.index_folder(data_config.path, int(data_config.min_image_size))
-    return (
-      _file_loader(index.paths, None, resolution),
-      len(index.paths),
-      (source, resolution, index.paths),
-    )
+    return _file_loader(index.paths, None, resolution), len(index.paths)
   if source == "anime_faces":
     # Imported here: TFDS takes seconds to import and only this source needs it.
-    from gan.datasets import anime_faces
+    from gan.data import anime_faces
 
     builder = anime_faces.prepare(data_config.path, data_config.tfds_data_dir)
     min_image_size = int(data_config.min_image_size)
     names, contents = anime_faces.stored_images(builder, min_image_size)
-    identity = (source, os.fspath(builder.data_dir), min_image_size, resolution)
-    return _file_loader(names, contents, resolution), len(names), identity
+    return _file_loader(names, contents, resolution), len(names)
   raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
 
 

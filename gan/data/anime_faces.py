@@ -13,7 +13,6 @@ re-encoded as JPEG at quality 95, so every stored image is a JPEG that TensorFlo
 """
 
 import collections
-import contextlib
 import dataclasses
 import io
 import itertools
@@ -29,13 +28,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from gan.datasets import image_folder
+from gan.data import image_folder
 from gan.errors import UserError
-
-# TensorFlow only feeds data; the accelerators belong to JAX. (RuntimeError: TensorFlow's
-# devices were already initialised by whoever imported it first.)
-with contextlib.suppress(RuntimeError):
-  tf.config.set_visible_devices([], "GPU")
 
 KAGGLE_URL = "https://www.kaggle.com/datasets/splcher/animefacedataset"
 _IMAGES_DIR = "images"

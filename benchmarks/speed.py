@@ -2,11 +2,11 @@
 the machine's ceiling.
 
 `scripts/benchmark.py` prints `run(config, ...)` as JSON. The step timed is the trainer's own
-(`gan.train.train_step`, jitted with the state donated) on one fixed batch already on the device,
+(`gan.step.train_step`, jitted with the state donated) on one fixed batch already on the device,
 so the input pipeline, timed separately, does not count; a square float32 matmul gives the
 FLOP/s the machine reaches at best, against which the step's FLOP/s are judged (`count_flops`
 says how they are counted). Optionally the trainer itself
-(`train.train_and_evaluate`) runs a few steps, so that what the loop adds to the step shows.
+(`trainer.train_and_evaluate`) runs a few steps, so that what the loop adds to the step shows.
 """
 
 import copy
@@ -23,9 +23,12 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from gan import input_pipeline, models, monitoring, parallel, train
+from gan import config as config_lib
+from gan import models, monitoring, parallel, trainer
+from gan import state as state_lib
+from gan import step as step_lib
+from gan.data import pipeline
 from gan.errors import UserError
-from gan.models import onednn
 
 # Square matmul sizes tried for the ceiling; accelerators need bigger ones to reach their peak.
 _CPU_MATMUL_SIZES = (512, 1024, 2048)
@@ -85,18 +88,23 @@ def matmul_ceiling(repeats: int, sizes: Sequence[int] | None = None, dtype=jnp.f
   return best
 
 
-def count_flops(nets: train.Networks, config: ml_collections.ConfigDict, args) -> float | None:
+def count_flops(nets: state_lib.Networks, config: ml_collections.ConfigDict, args) -> float | None:
   """XLA's FLOP count of one train step on `args` (state, batch, key), or None.
 
   Counted on the step lowered for the CPU, before any backend's optimisation: XLA:GPU counts
   nothing before compiling and, after, leaves out the convolutions and dots it hands to cuDNN
   and cuBLAS. The count is of the whole global batch, whatever the mesh. The step is traced
-  with the layers' plain convolutions (`onednn.plain_convolutions`): XLA cannot count oneDNN's.
+  with XLA's own convolutions (model.conv_impl=xla): XLA cannot count the CPU kernels' custom
+  calls, and the function, so its FLOPs, is the same.
   """
   specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-  step = jax.jit(functools.partial(train.train_step, nets, config.train))
+  if config.model.conv_impl != "xla":
+    config = config.copy_and_resolve_references()
+    config.model.conv_impl = "xla"
+    nets = state_lib.create_train_state(config)[0]
+  step = jax.jit(functools.partial(step_lib.train_step, nets, config.train))
   try:
-    with jax.default_device(jax.devices("cpu")[0]), onednn.plain_convolutions():
+    with jax.default_device(jax.devices("cpu")[0]):
       return flops_from_cost_analysis(step.lower(*specs).cost_analysis())
   except (NotImplementedError, RuntimeError) as e:
     logging.warning("XLA gave no cost analysis of the train step: %s", e)
@@ -125,19 +133,19 @@ def time_train_step(
   """
   mesh = parallel.create_mesh(config.mesh.data_axis_size)  # the trainer's placement
   parallel.check_batch_size(config.train.batch_size, mesh)
-  nets, state = train.create_train_state(config, mesh)
+  nets, state = state_lib.create_train_state(config, mesh)
   batch_size, resolution = config.train.batch_size, config.data.resolution
   # Pixel values do not change the work; one batch on the device keeps the input out of it.
   batch = {
     "image": jax.random.uniform(
-      jax.random.PRNGKey(0), (batch_size, resolution, resolution, 3), minval=-1.0, maxval=1.0
+      jax.random.key(0), (batch_size, resolution, resolution, 3), minval=-1.0, maxval=1.0
     ),
     "label": jnp.zeros((batch_size,), jnp.int32),
   }
   batch = jax.device_put(batch, parallel.batch_sharding(mesh))
   # The trainer's keys, made up front: step i uses fold_in(state.rng, i).
   keys = list(jax.vmap(functools.partial(jax.random.fold_in, state.rng))(jnp.arange(steps + 1)))
-  step_fn = train.jit_train_step(nets, config, state, mesh)
+  step_fn = trainer.jit_train_step(nets, config, state, mesh)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch, keys[0]).compile()
   compile_seconds = time.perf_counter() - start
@@ -191,7 +199,7 @@ def time_training_loop(config: ml_collections.ConfigDict, *, steps: int) -> dict
     config.eval.every = config.checkpoint.every = max(1, steps // 2)
   timings = monitoring.Timings()
   with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir, timings)
+    trainer.train_and_evaluate(config, workdir, timings)
   return {
     "steps": steps,
     "first_step_seconds": timings.first_step,
@@ -218,12 +226,10 @@ def time_input_pipeline(config: ml_collections.ConfigDict, *, batches: int) -> d
   """Images per second the input pipeline yields over `batches` batches: first while it decodes
   (after the first batch, which pays for building the pipeline), then, with data.cache, once a
   whole epoch is decoded and the images come from the cache (None without the cache). The
-  decoded images are dropped afterwards, so a trainer timed next starts as a fresh run would."""
-  input_pipeline.forget_decoded()
+  source is opened for this alone, so a trainer timed next starts as a fresh run would."""
   batch_size = config.train.batch_size
-  iterator = input_pipeline.create_dataset(
-    config.data, batch_size=batch_size, seed=config.train.seed
-  )
+  source = pipeline.Source(config.data)
+  iterator = source.batches(batch_size=batch_size, seed=config.train.seed)
 
   def rate():
     start = time.perf_counter()
@@ -236,7 +242,7 @@ def time_input_pipeline(config: ml_collections.ConfigDict, *, batches: int) -> d
     decoding = rate()
     cached = None
     if config.data.cache:
-      epoch = -(-input_pipeline.num_examples(config.data) // batch_size)
+      epoch = -(-source.size // batch_size)
       for _ in range(epoch - batches - 1):
         next(iterator)
       cached = rate()
@@ -247,19 +253,6 @@ def time_input_pipeline(config: ml_collections.ConfigDict, *, batches: int) -> d
   finally:
     # Stops tf.data's background threads, which would take cores from whatever runs next.
     iterator.close()
-    input_pipeline.forget_decoded()
-
-
-def cpu_convolutions(dtype) -> str | None:
-  """What runs the k4-s2 layers' convolutions computed in `dtype` when this machine's default
-  backend is the CPU: 'onednn-winograd' (float32: the middle layers by Winograd's form, the
-  others direct), 'onednn', or 'xla' where oneDNN cannot be used."""
-  if jax.default_backend() != "cpu":
-    return None
-  if not onednn.available():
-    return "xla"
-  winograd = onednn.winograd() and jnp.dtype(dtype) == jnp.float32
-  return "onednn-winograd" if winograd else "onednn"
 
 
 def parameter_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -300,7 +293,7 @@ def run(
   for name, value, least in counts:
     if value < least:
       raise UserError(f"--{name} must be at least {least}, not {value}")
-  train.validate_config(config)
+  config = config_lib.validate(config)
   g_params, d_params = parameter_counts(config)
   report = {
     "device": device_info(),
@@ -313,7 +306,7 @@ def run(
     "discriminator_params": d_params,
     "repeats": repeats,
     "steps": steps,
-    "cpu_convolutions": cpu_convolutions(config.model.dtype),
+    "conv_impl": config.model.conv_impl,
   }
   # The ceiling of the config's compute dtype: a bf16 step against bf16 matmuls.
   ceiling = matmul_ceiling(repeats, dtype=jnp.dtype(config.model.dtype))

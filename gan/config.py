@@ -1,0 +1,162 @@
+"""Every check of a run's config, in one place, before any work starts.
+
+`validate(config)` raises a UserError naming the first field that cannot work, and returns the
+config the run will record: the same values with `model.conv_impl`'s `auto` resolved to the
+implementation that will run, so that config.json says which one computed the run's numbers.
+"""
+
+import math
+from collections.abc import Sequence
+
+import ml_collections
+
+from gan import losses, models
+from gan.data import pipeline
+from gan.errors import UserError
+from gan.metrics import quality
+
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+_POSITIVE = (
+  "train.batch_size",
+  "train.num_steps",
+  "train.d_steps",
+  "train.log_every",
+  "checkpoint.every",
+  "checkpoint.keep_latest",
+  "eval.every",
+  "eval.grid_size",
+  "model.latent_dim",
+)
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  section, _, name = dotted.rpartition(".")
+  node = config[section] if section else config
+  if name not in node:
+    raise UserError(f"the config has no {dotted}, which this run needs")
+  return node[name]
+
+
+def _integer(config, dotted: str, minimum: int):
+  value = _get(config, dotted)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    bound = "positive" if minimum == 1 else f">= {minimum}"
+    raise UserError(f"{dotted} must be {bound} (an integer), got {value!r}")
+  return value
+
+
+def _number(config, dotted: str, low: float, high: float, *, open_low=False, open_high=True):
+  """A finite number in the interval [low, high) (ends open or closed as asked)."""
+  value = _get(config, dotted)
+  if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    raise UserError(f"{dotted} must be a finite number, got {value!r}")
+  above = value > low if open_low else value >= low
+  below = value < high if open_high else value <= high
+  if not (above and below):
+    bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    raise UserError(f"{dotted} must be in {bounds}, got {value!r}")
+  return value
+
+
+def _choice(config, dotted: str, choices: Sequence[str]) -> str:
+  value = _get(config, dotted)
+  if value not in choices:
+    raise UserError(f"unknown {dotted} {value!r}; choose one of {', '.join(choices)}")
+  return value
+
+
+def _check_model(config) -> None:
+  name = _choice(config, "model.name", models.MODEL_NAMES)
+  _choice(config, "model.dtype", tuple(models.DTYPES))
+  _choice(config, "model.conv_impl", models.CONV_IMPLS)
+  resolution = _integer(config, "data.resolution", 1)
+  if name == "dcgan":
+    _integer(config, "model.base_width", 1)
+    if resolution < 16 or resolution & (resolution - 1):
+      raise UserError(
+        f"dcgan cannot make {resolution} px images: it doubles 4x4 up, so data.resolution must "
+        "be a power of two >= 16 (e.g. 32, 64, 128)"
+      )
+    return
+  if resolution < 8:
+    raise UserError(f"dense cannot make {resolution} px images: data.resolution must be >= 8")
+  for widths in ("model.g_widths", "model.d_widths"):
+    value = _get(config, widths)
+    if (
+      not isinstance(value, Sequence)
+      or not value
+      or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in value)
+    ):
+      raise UserError(f"{widths} must be a non-empty tuple of positive integers, got {value!r}")
+  _choice(config, "model.activation", models.ACTIVATIONS)
+  _choice(config, "model.g_norm", models.G_NORMS)
+  _choice(config, "model.d_norm", models.D_NORMS)
+  _number(config, "model.d_dropout", 0, 1)
+
+
+def _check_train(config) -> None:
+  for dotted in _POSITIVE:
+    _integer(config, dotted, 1)
+  _choice(config, "train.loss", losses.NAMES)
+  _choice(config, "train.prng_impl", PRNG_IMPLS)
+  _integer(config, "train.seed", 0)
+  _number(config, "train.ema_decay", 0, 1)
+  for rate in ("train.g_lr", "train.d_lr"):
+    _number(config, rate, 0, math.inf, open_low=True)
+  for beta in ("train.b1", "train.b2"):
+    _number(config, beta, 0, 1)
+
+
+def _check_evaluation(config) -> None:
+  _integer(config, "checkpoint.keep_every", 0)
+  _choice(config, "checkpoint.best_mode", ("min", "max"))
+  if config.checkpoint.every % config.eval.every:
+    raise UserError(
+      f"checkpoint.every ({config.checkpoint.every}) must be a multiple of eval.every "
+      f"({config.eval.every}), so that every checkpoint carries a fresh health verdict"
+    )
+  quality.check_names(config.eval.metrics)
+  if config.eval.metrics:
+    _integer(config, "eval.num_samples", 2)
+
+
+def _check_collapse(config) -> None:
+  _integer(config, "collapse.num_samples", 2)
+  _integer(config, "collapse.patience", 1)
+  _integer(config, "collapse.num_pairs", 1)
+  _integer(config, "collapse.warmup_steps", 0)
+  _integer(config, "collapse.max_rollbacks", 0)
+  _number(config, "collapse.lr_factor", 0, 1, open_low=True, open_high=False)
+  for bound in ("collapse.max_ms_ssim_gap", "collapse.duplicate_distance"):
+    _number(config, bound, 0, math.inf)
+  for rate in ("collapse.max_duplicate_rate", "collapse.min_mode_coverage"):
+    _number(config, rate, 0, 1, open_high=False)
+  if config.collapse.rollback_b1 is not None:
+    _number(config, "collapse.rollback_b1", 0, 1)
+
+
+def _check_data(config) -> None:
+  source = _choice(config, "data.source", pipeline.SOURCES)
+  if source == "synthetic_faces":
+    _integer(config, "data.num_examples", 1)
+    _integer(config, "data.seed", 0)
+  _integer(config, "data.min_image_size", 1)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field a run reads; returns the config to run and record.
+
+  Raises:
+    UserError: naming the first field that cannot work, and why.
+  """
+  _check_data(config)
+  _check_model(config)
+  _check_train(config)
+  _check_evaluation(config)
+  _check_collapse(config)
+  if config.restore_step is not None:
+    _integer(config, "restore_step", 0)
+  _integer(config, "mesh.data_axis_size", 0)
+  resolved = config.copy_and_resolve_references()
+  resolved.model.conv_impl = models.resolve_conv_impl(config.model.conv_impl, config.model.dtype)
+  return resolved
