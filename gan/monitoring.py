@@ -5,6 +5,7 @@ The only module that creates metric writers, so every script logs the same way.
 
 import contextlib
 import dataclasses
+import logging as std_logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,19 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+
+
+@contextlib.contextmanager
+def log_file(path: str):
+  """Copies the log to `path` inside the block (appended: a resumed run continues it)."""
+  handler = std_logging.FileHandler(path)
+  handler.setFormatter(logging.PythonFormatter())
+  logging.get_absl_logger().addHandler(handler)
+  try:
+    yield
+  finally:
+    logging.get_absl_logger().removeHandler(handler)
+    handler.close()
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -139,10 +139,11 @@ def train_and_evaluate(
   """
   started = time.perf_counter()
   config = config_lib.validate(config)
-  run = _set_up(config, workdir, timings or monitoring.Timings(), started)
   num_steps = config.train.num_steps
-  logging.info("Training from step %d to %d in %s", run.step, num_steps, workdir)
-  with _StopRequest() as stop, _closing_on_error(run):
+  with _StopRequest() as stop, contextlib.ExitStack() as cleanup:
+    run = _set_up(config, workdir, timings or monitoring.Timings(), cleanup)
+    cleanup.enter_context(_closing_on_error(run))
+    logging.info("Training from step %d to %d in %s", run.step, num_steps, workdir)
     while run.step < num_steps:
       run.advance()
       _note_first_step(run, started)
@@ -298,8 +299,11 @@ def _finish(run: _Run, started: float) -> None:
 # Set-up.
 
 
-def _set_up(config, workdir: str, timings: monitoring.Timings, started: float) -> _Run:
-  """Everything the loop needs, from the validated config and the workdir's checkpoints."""
+def _set_up(
+  config, workdir: str, timings: monitoring.Timings, cleanup: contextlib.ExitStack
+) -> _Run:
+  """Everything the loop needs, from the validated config and the workdir's checkpoints;
+  `cleanup` ends what must end with the run (the log file)."""
   mesh = parallel.create_mesh(config.mesh.data_axis_size)
   parallel.check_batch_size(config.train.batch_size, mesh)
   # The data source is opened before anything is written, so a bad path leaves no debris.
@@ -313,6 +317,7 @@ def _set_up(config, workdir: str, timings: monitoring.Timings, started: float) -
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
   parallel.sync("workdir")
+  cleanup.enter_context(monitoring.log_file(os.path.join(workdir, "train.log")))
   ckpt = checkpointing.Checkpointer(
     os.path.join(workdir, "checkpoints"), config.checkpoint, keep_last_where=verdict.is_healthy
   )

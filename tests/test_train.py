@@ -1,11 +1,13 @@
 """The train state, the train step and the loop, on tiny real configs."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import logging
 from conftest import plain_leaves, tiny_config
 
 from gan import config as config_lib
@@ -146,6 +148,26 @@ def test_training_reports_where_its_time_went(workdir):
   assert len(timings.evaluations) == 2 and len(timings.checkpoints) == 2
   assert all(seconds > 0 for seconds in timings.evaluations + timings.checkpoints)
   assert "3 more steps" in timings.summary()
+
+
+def test_the_log_is_kept_in_the_workdir_and_a_resume_appends_to_it(workdir):
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.INFO)  # as the scripts run
+  try:
+    _train_twice(workdir)
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def _train_twice(workdir):
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
+  with open(os.path.join(workdir, "train.log")) as f:
+    first = f.read()
+  assert "Training from step 0 to 2" in first and "Done: step 2 of 2" in first
+  trainer.train_and_evaluate(tiny_config("dense"), workdir)
+  with open(os.path.join(workdir, "train.log")) as f:
+    both = f.read()
+  assert both.startswith(first) and "Training from step 2 to 4" in both
 
 
 def test_a_resumed_run_takes_changed_adam_settings_from_its_config(workdir):
