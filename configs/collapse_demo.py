@@ -7,7 +7,7 @@ stops with "error: training collapsed at step 400" (seeds 0-4 alike; 1-2.5 minut
 CPU): Adam's beta1 of 0.9 with 5x the DCGAN learning rates leaves the samples on 37-60 of the
 modes that as many real images cover (about 225). With rollback on (the default) the run goes
 back to the start (its earlier checkpoints are unjudged warm-up ones), takes the remedy below
-and finishes its 2,000 steps healthy, covering about 200 modes. README.md has the table.
+and finishes its 2,000 steps healthy, covering about 200 modes. docs/collapse.md has the table.
 """
 
 from configs import dcgan

@@ -52,7 +52,7 @@ def get_config(arg=None):
   evaluation.every = 1000  # steps between sample grids (TensorBoard and samples/*.png)
   evaluation.grid_size = 64  # samples in the grid, drawn from one fixed noise batch
   # Quality metrics every eval.every steps: swd, precision_recall (no weights needed) and fid,
-  # kid (need the Inception weights file; see README). '' or () turns them off.
+  # kid (need the Inception weights file; see README.md). '' or () turns them off.
   evaluation.metrics = ("swd", "precision_recall")
   evaluation.num_samples = 1000  # generated (and real) images the quality metrics compare
   evaluation.inception_weights = ""  # the Inception .npz; '' is $GAN_INCEPTION_WEIGHTS or ~/.cache

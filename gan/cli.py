@@ -71,8 +71,16 @@ def _last_word(message: str) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad flag or config file reported in one line."""
+  """absl's flag parsing, with a bad flag or config file reported in one line; --help prints
+  the script's flags and exits 0."""
+  if any(arg in _HELP for arg in argv[1:]):
+    print((sys.modules["__main__"].__doc__ or "").strip() + "\n")
+    print(flags.FLAGS.main_module_help())
+    sys.exit(0)
   try:
     argv = flags.FLAGS(argv)
     if "config" in flags.FLAGS:

@@ -11,13 +11,9 @@ unless FID or KID were asked for by name, which makes their absence an error.
 import json
 import os
 
-import jax
-import numpy as np
 from absl import flags, logging
 
-from gan import cli, inference
-from gan.data import pipeline
-from gan.metrics import fid, quality
+from gan import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint to evaluate; the latest by default.")
@@ -30,12 +26,20 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generator noise and the met
 
 def main(argv):
   del argv
+  # Imported here, not above: --help and flag errors answer before JAX and TensorFlow load.
+  import jax
+  import numpy as np
+
+  from gan import inference
+  from gan.data import pipeline
+  from gan.metrics import fid, quality
+
   config, nets, state = inference.load_run(_WORKDIR.value, _STEP.value)
   metrics = _METRICS.value or list(config.eval.metrics) or ["swd", "precision_recall"]
   num = _NUM_SAMPLES.value or config.eval.num_samples
   batches = pipeline.create_dataset(config.data, batch_size=num, seed=config.train.seed)
   real = next(batches)["image"]
-  key = jax.random.PRNGKey(_SEED.value)
+  key = jax.random.key(_SEED.value, impl=config.train.prng_impl)
   evaluator = quality.Evaluator(
     metrics,
     real,

@@ -16,12 +16,10 @@ form, shown in the nearer one): a generator that memorised its data shows copies
 import math
 import os
 
-import jax
 import numpy as np
 from absl import flags
 
-from gan import cli, inference, sampling
-from gan.data import pipeline
+from gan import cli
 from gan.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
@@ -63,13 +61,14 @@ def _validate() -> None:
     raise UserError(f"--{' and --'.join(modes)} exclude each other: pick one")
 
 
-def _generate(nets, state, z: np.ndarray) -> np.ndarray:
-  """Images for noise [N, D], in batches of at least _MIN_BATCH padded with fresh noise."""
+def _generate(nets, state, z: np.ndarray, key) -> np.ndarray:
+  """Images for noise [N, D], in batches of at least _MIN_BATCH padded with fresh noise
+  drawn from `key`."""
+  from gan import inference, sampling
+
   num = z.shape[0]
   if num < _MIN_BATCH:
-    pad = sampling.truncated_noise(
-      jax.random.key(_SEED.value + 1), _MIN_BATCH - num, z.shape[1], _TRUNCATION.value
-    )
+    pad = sampling.truncated_noise(key, _MIN_BATCH - num, z.shape[1], _TRUNCATION.value)
     z = np.concatenate([z, np.asarray(pad)])
   images = inference.sampler(nets)(state.ema, state.g.batch_stats, z)
   return np.asarray(images[:num])
@@ -77,6 +76,8 @@ def _generate(nets, state, z: np.ndarray) -> np.ndarray:
 
 def _training_images(config, pool: int) -> np.ndarray:
   """`pool` training images as stored (not flipped), drawn as training draws them."""
+  from gan.data import pipeline
+
   data = config.data.copy_and_resolve_references()
   data.random_flip = False
   size = min(pool, pipeline.num_examples(data))
@@ -88,15 +89,22 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   _validate()
+  # Imported here, not above: --help and flag errors answer before JAX and TensorFlow load.
+  import jax
+
+  from gan import inference, sampling
+
   config, nets, state = inference.load_run(_WORKDIR.value, _STEP.value)
-  key = jax.random.key(_SEED.value)
+  key, pad_key = (
+    jax.random.key(seed, impl=config.train.prng_impl) for seed in (_SEED.value, _SEED.value + 1)
+  )
   out = _OUT.value
 
   if _INTERPOLATE.value:
     rows = math.ceil(_NUM.value / _STEPS)
     ends = sampling.truncated_noise(key, 2 * rows, nets.latent_dim, _TRUNCATION.value)
     z = sampling.interpolate(ends[:rows], ends[rows:], _STEPS)  # [rows, steps, D]
-    images = _generate(nets, state, np.asarray(z).reshape(rows * _STEPS, -1))
+    images = _generate(nets, state, np.asarray(z).reshape(rows * _STEPS, -1), pad_key)
     images = images.reshape(rows, _STEPS, *images.shape[1:])
     sampling.save_png(out, sampling.make_grid(images.reshape(-1, *images.shape[2:]), cols=_STEPS))
     # Frame t shows every row's t-th step; forward then back, so the loop has no jump.
@@ -108,7 +116,7 @@ def main(argv):
     return
 
   z = np.asarray(sampling.truncated_noise(key, _NUM.value, nets.latent_dim, _TRUNCATION.value))
-  images = _generate(nets, state, z)
+  images = _generate(nets, state, z, pad_key)
   if _SINGLE.value:
     for i, image in enumerate(sampling.to_uint8(images)):
       sampling.save_png(os.path.join(out, f"sample_{i:05d}.png"), image)

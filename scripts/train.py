@@ -9,11 +9,10 @@ On several hosts, run the same command on each with --coordinator_address=HOST0:
 --num_processes=N --process_id=I (I = 0 on HOST0), and a --workdir every host can reach.
 """
 
-import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gan import cli, trainer
+from gan import cli
 from gan.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,6 +33,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Imported here, not above: --help and flag errors answer before JAX and TensorFlow load.
+  import jax
+
+  from gan import trainer
+
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if jax.process_index() > 0:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 from gan import cli
 
@@ -76,3 +76,14 @@ def test_a_user_error_is_the_last_line_whatever_shutdown_prints(ending):
     assert ran.returncode == 0, ran.stderr
     assert "late report from Python" in ran.stderr and "late report from C++" in ran.stderr
   assert "oneDNN" not in ran.stderr  # TensorFlow's start-up banner (cli.run imports it)
+
+
+@pytest.mark.parametrize(
+  "script", ["train.py", "sample.py", "evaluate.py", "checkpoints.py", "benchmark.py"]
+)
+def test_help_prints_the_usage_and_the_flags_and_exits_zero(script):
+  result = run_script(script, "--help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  usage, _, flag_help = result.stdout.partition(f"scripts/{script}:")
+  assert f"python scripts/{script}" in usage  # the docstring first
+  assert "--workdir" in flag_help or "--config" in flag_help

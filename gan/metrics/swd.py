@@ -93,7 +93,7 @@ def _sliced_wasserstein(
   for repeat_key in jax.random.split(key, num_repeats):
     proj_a, proj_b = (np.array(p) for p in _project(a, b, repeat_key, num_directions))
     # Equal-size sets: the sorted projections pair up as the optimal 1-D transport plan. NumPy
-    # sorts: XLA:CPU's sort was ten times slower on these shapes.
+    # sorts: XLA:CPU's sort is much slower on these shapes.
     proj_a.sort(axis=1)
     proj_b.sort(axis=1)
     distances.append(np.mean(np.abs(proj_a - proj_b)))
