@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from gan import checkpointing, inference, monitoring, parallel, rollback, sampling
+from gan import checkpointing, inference, monitoring, parallel, rollback, sampling, workdir_lock
 from gan import config as config_lib
 from gan import state as state_lib
 from gan import step as step_lib
@@ -316,11 +316,15 @@ def _set_up(
   parallel.sync("config read")  # by every process, before the main one writes the new one
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
+    # Before anything in the workdir is touched: Orbax clears unfinished saves when it opens.
+    cleanup.enter_context(workdir_lock.hold(workdir, "a trainer"))
   parallel.sync("workdir")
   cleanup.enter_context(monitoring.log_file(os.path.join(workdir, "train.log")))
   ckpt = checkpointing.Checkpointer(
     os.path.join(workdir, "checkpoints"), config.checkpoint, keep_last_where=verdict.is_healthy
   )
+  if ckpt.all_steps():
+    _check_resumable(workdir, config)
   abstract = state_lib.abstract(initial)
   state = _restore(ckpt, initial, config.restore_step)
   step = int(parallel.to_host(state.step))
@@ -475,6 +479,30 @@ def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, restore_step: 
     )
   logging.info("Restored the checkpoint of step %d from %s", step, ckpt.directory)
   return restored
+
+
+# What a checkpoint's arrays are shaped by: a resume that changes any of these cannot load it.
+_SHAPING = ("model", "data.resolution")
+_NOT_SHAPING = ("model.conv_impl", "model.dtype")  # the same parameters, computed another way
+
+
+def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a resume whose networks differ from the ones the checkpoints hold, naming the
+  fields; nothing has been written yet."""
+  saved, new = (
+    monitoring.flatten_config(json.loads(c.to_json_best_effort()))
+    for c in (inference.read_config(workdir), config)
+  )
+  differing = [
+    f"{name} {saved.get(name)!r} -> {new.get(name)!r}"
+    for name in sorted(set(saved) | set(new))
+    if name.startswith(_SHAPING) and name not in _NOT_SHAPING and saved.get(name) != new.get(name)
+  ]
+  if differing:
+    raise UserError(
+      f"{workdir} holds checkpoints of other networks than this config's "
+      f"({'; '.join(differing)}): resume with the run's own settings, or use a new --workdir"
+    )
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

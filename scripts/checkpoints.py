@@ -11,7 +11,7 @@ import os
 
 from absl import flags
 
-from gan import checkpointing, cli
+from gan import checkpointing, cli, workdir_lock
 from gan.errors import UserError
 from gan.health import verdict
 
@@ -54,7 +54,8 @@ def _rollback(ckpt: checkpointing.Checkpointer, step: int | None) -> None:
   if step is None:
     raise UserError("rollback needs --step=N, one of the saved steps (see the list command)")
   ckpt.require(step)
-  moved = ckpt.set_aside_after(step)
+  with workdir_lock.hold(os.path.dirname(ckpt.directory), "a rollback by hand"):
+    moved = ckpt.set_aside_after(step)
   aside = os.path.join(os.path.dirname(ckpt.directory), checkpointing.ASIDE_DIR)
   print(
     f"the next training run continues from step {step}; "

@@ -19,7 +19,7 @@ _BLOCKS = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.AsyncFor, ast.Asyn
 # __init__ aside). The GAN sits in the middle; what runs it on top.
 LAYERS = {
   0: ("gan.errors",),
-  1: ("gan.parallel", "gan.sampling", "gan.monitoring", "gan.cli"),
+  1: ("gan.parallel", "gan.sampling", "gan.monitoring", "gan.cli", "gan.workdir_lock"),
   2: ("gan.data", "gan.models", "gan.losses", "gan.health.verdict"),
   3: ("gan.metrics",),
   4: ("gan.config", "gan.state", "gan.health.signals", "gan.checkpointing"),
