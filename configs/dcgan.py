@@ -21,6 +21,7 @@ def get_config(arg=None):
   model.name = "dcgan"
   model.latent_dim = 100  # size of the noise vector z
   model.base_width = 64  # channels of G's last hidden layer and D's first; doubling inwards
+  model.conv_impl = "auto"  # xla | onednn (CPU kernels, kernels/) | auto: onednn where it runs
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
   if arg == "synthetic":

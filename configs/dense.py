@@ -26,6 +26,7 @@ def get_config(arg=None):
   model.g_norm = "batch"  # normalisation after G's hidden layers: none | batch | layer
   model.d_norm = "none"  # normalisation after D's hidden layers: none | layer
   model.d_dropout = 0.3  # dropout after each of D's hidden layers, against memorising
+  model.conv_impl = "auto"  # xla | onednn (CPU kernels, kernels/) | auto: onednn where it runs
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
   # Dense networks need more updates than convolutional ones for the same faces.

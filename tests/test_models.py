@@ -1,6 +1,7 @@
 """Generators and discriminators of both families: shapes, sizes, modes, dtypes, errors, state."""
 
 import functools
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +11,24 @@ import pytest
 from flax import nnx
 
 from gan.errors import UserError
-from gan.models import count_params, create_models
+from gan.models import count_params, create_models, layers, resolve_conv_impl
 
 FAMILIES = ("dcgan", "dense")
+
+try:
+  layers.cpu_kernels()
+  _kernels_installed = True
+except ImportError:
+  _kernels_installed = False
+needs_kernels = pytest.mark.skipif(
+  not _kernels_installed, reason="gan_cpu_kernels is not installed (`make setup` installs it)"
+)
 
 
 def _model_config(name, **overrides):
   """Small networks of each family; the real recipe sizes are only built abstractly."""
   if name == "dcgan":
-    config = dict(name="dcgan", latent_dim=16, base_width=8, dtype="float32")
+    config = dict(name="dcgan", latent_dim=16, base_width=8, dtype="float32", conv_impl="auto")
   else:
     config = dict(
       name="dense",
@@ -30,6 +40,7 @@ def _model_config(name, **overrides):
       d_norm="none",
       d_dropout=0.3,
       dtype="float32",
+      conv_impl="auto",
     )
   config.update(overrides)
   return ml_collections.ConfigDict(config)
@@ -209,6 +220,7 @@ def test_impossible_resolution_is_a_user_error(name, resolution):
     ("dense", "g_norm", "group"),
     ("dense", "d_norm", "batch"),
     ("dense", "d_dropout", 1.0),
+    ("dense", "conv_impl", "cuda"),
   ],
 )
 def test_bad_model_setting_is_a_user_error_naming_it(name, field, value):
@@ -282,3 +294,65 @@ def test_every_generator_parameter_receives_a_gradient_under_jit(name):
     jax.tree.leaves(batch_stats), jax.tree.leaves(new_batch_stats), strict=True
   ):
     assert np.any(before != after)
+
+
+def test_xla_is_xla_everywhere():
+  assert resolve_conv_impl("xla", "float32") == resolve_conv_impl("xla", "bfloat16") == "xla"
+
+
+@needs_kernels
+def test_auto_is_onednn_on_the_cpu_where_the_kernels_run():
+  assert resolve_conv_impl("auto", "float32") == resolve_conv_impl("onednn", "float32") == "onednn"
+
+
+def test_auto_is_xla_on_other_backends_where_onednn_is_a_user_error(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve_conv_impl("auto", "float32") == "xla"
+  with pytest.raises(UserError, match="backend is gpu.*Use model.conv_impl=xla"):
+    resolve_conv_impl("onednn", "float32")
+
+
+def test_without_the_kernels_auto_is_xla_and_onednn_a_user_error(monkeypatch):
+  def missing():
+    raise ImportError("No module named 'gan_cpu_kernels'")
+
+  monkeypatch.setattr(layers, "cpu_kernels", missing)
+  assert resolve_conv_impl("auto", "float32") == "xla"
+  with pytest.raises(UserError, match="not installed.*Use model.conv_impl=xla"):
+    resolve_conv_impl("onednn", "float32")
+
+
+def test_a_dtype_the_kernels_lack_is_xla_for_auto_and_a_user_error_for_onednn(monkeypatch):
+  def supports(compute_dtype, param_dtype):
+    return jnp.dtype(compute_dtype) == jnp.float32
+
+  monkeypatch.setattr(layers, "cpu_kernels", lambda: SimpleNamespace(supports=supports))
+  assert resolve_conv_impl("auto", "float32") == "onednn"
+  assert resolve_conv_impl("auto", "bfloat16") == "xla"
+  with pytest.raises(UserError, match="no bfloat16 convolutions"):
+    resolve_conv_impl("onednn", "bfloat16")
+
+
+def test_unknown_conv_impl_is_a_user_error():
+  with pytest.raises(UserError, match="model.conv_impl 'cudnn'"):
+    resolve_conv_impl("cudnn", "float32")
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", pytest.param("onednn", marks=needs_kernels)])
+def test_every_layer_gets_the_models_conv_impl(conv_impl):
+  generator, discriminator = _models("dcgan", conv_impl=conv_impl)
+  convs = [generator.project, *generator.ups, generator.to_rgb, discriminator.stem]
+  assert {layer.conv_impl for layer in [*convs, *discriminator.downs]} == {conv_impl}
+
+
+@needs_kernels
+def test_dcgan_computes_the_same_with_onednn_and_xla():
+  z, x = _noise(4), _images(4, 32)
+  outputs = []
+  for conv_impl in ("xla", "onednn"):
+    generator, discriminator = _models("dcgan", conv_impl=conv_impl)
+    outputs.append(
+      (_generate(generator, z, train=True), _discriminate(discriminator, x, train=True))
+    )
+  for ours, theirs in zip(*outputs, strict=True):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -42,7 +42,14 @@ class Generator(nnx.Module):
   """Maps z [B, latent_dim] to images [B, R, R, 3] in [-1, 1], float32."""
 
   def __init__(
-    self, *, latent_dim: int, resolution: int, base_width: int, dtype=jnp.float32, rngs: nnx.Rngs
+    self,
+    *,
+    latent_dim: int,
+    resolution: int,
+    base_width: int,
+    conv_impl: str,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
   ):
     width = base_width * resolution // 8
     self.start_width = width
@@ -52,6 +59,7 @@ class Generator(nnx.Module):
       4 * 4 * width,
       use_bias=False,
       kernel_init=layers.dcgan_kernel_init,
+      conv_impl=conv_impl,
       dtype=dtype,
       rngs=rngs,
     )
@@ -64,6 +72,7 @@ class Generator(nnx.Module):
           width // 2,
           use_bias=False,
           kernel_init=layers.dcgan_kernel_init,
+          conv_impl=conv_impl,
           dtype=dtype,
           rngs=rngs,
         )
@@ -73,7 +82,7 @@ class Generator(nnx.Module):
     self.ups = nnx.List(ups)
     self.norms = nnx.List(norms)
     self.to_rgb = layers.UpConv(
-      width, 3, kernel_init=layers.dcgan_kernel_init, dtype=dtype, rngs=rngs
+      width, 3, kernel_init=layers.dcgan_kernel_init, conv_impl=conv_impl, dtype=dtype, rngs=rngs
     )
 
   def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
@@ -87,14 +96,18 @@ class Generator(nnx.Module):
 class Discriminator(nnx.Module):
   """Maps images [B, R, R, 3] to logits [B], float32."""
 
-  def __init__(self, *, resolution: int, base_width: int, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self, *, resolution: int, base_width: int, conv_impl: str, dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     width = base_width
     self.dtype = dtype
     conv_args = dict(kernel_init=layers.dcgan_kernel_init, dtype=dtype, rngs=rngs)
-    self.stem = layers.DownConv(3, width, **conv_args)
+    self.stem = layers.DownConv(3, width, conv_impl=conv_impl, **conv_args)
     downs, norms = [], []
     for _ in range(_num_doublings(resolution) - 1):
-      downs.append(layers.DownConv(width, 2 * width, use_bias=False, **conv_args))
+      downs.append(
+        layers.DownConv(width, 2 * width, use_bias=False, conv_impl=conv_impl, **conv_args)
+      )
       norms.append(_batch_norm(2 * width, dtype, rngs))
       width *= 2
     self.downs = nnx.List(downs)

@@ -45,6 +45,7 @@ class Generator(nnx.Module):
     widths: tuple[int, ...],
     activation: str,
     norm: str,
+    conv_impl: str,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -55,13 +56,22 @@ class Generator(nnx.Module):
     in_features = latent_dim
     for width in widths:
       hidden.append(
-        layers.Linear(in_features, width, use_bias=norm != "batch", dtype=dtype, rngs=rngs)
+        layers.Linear(
+          in_features,
+          width,
+          use_bias=norm != "batch",
+          conv_impl=conv_impl,
+          dtype=dtype,
+          rngs=rngs,
+        )
       )
       norms.append(_norm(norm, width, dtype, rngs))
       in_features = width
     self.hidden = nnx.List(hidden)
     self.norms = nnx.List(norms)
-    self.to_pixels = layers.Linear(in_features, resolution * resolution * 3, dtype=dtype, rngs=rngs)
+    self.to_pixels = layers.Linear(
+      in_features, resolution * resolution * 3, conv_impl=conv_impl, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
     x = z.astype(self.dtype)
@@ -84,6 +94,7 @@ class Discriminator(nnx.Module):
     widths: tuple[int, ...],
     norm: str,
     dropout: float,
+    conv_impl: str,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -91,14 +102,14 @@ class Discriminator(nnx.Module):
     hidden, norms = [], []
     in_features = resolution * resolution * 3
     for width in widths:
-      hidden.append(layers.Linear(in_features, width, dtype=dtype, rngs=rngs))
+      hidden.append(layers.Linear(in_features, width, conv_impl=conv_impl, dtype=dtype, rngs=rngs))
       norms.append(_norm(norm, width, dtype, rngs))
       in_features = width
     self.hidden = nnx.List(hidden)
     self.norms = nnx.List(norms)
     # No rngs stored: the key comes with each call, so the model's state is Param + BatchStat.
     self.dropout = nnx.Dropout(dropout)
-    self.to_logit = layers.Linear(in_features, 1, dtype=dtype, rngs=rngs)
+    self.to_logit = layers.Linear(in_features, 1, conv_impl=conv_impl, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
     if train and self.dropout.rate > 0 and rngs is None:
