@@ -3,13 +3,6 @@
 Each `pytorch_<family>.py` builds the networks of `gan.models.<family>` in PyTorch and exposes
 `build(config)` and `benchmark(config, repeats=, steps=)`; `pytorch_common.py` holds the train
 step they share. They need PyTorch (`pip install torch==2.13.0`), which the project does not.
+`speed.py` times our train step; `wait_policy.py` runs the comparison once per OpenMP wait
+policy. Nothing here sets OMP_WAIT_POLICY at import: PyTorch runs under whatever the process has.
 """
-
-import os
-
-# PyTorch's OpenMP threads spin at each barrier by default. On a CPU shared with other work a
-# spinning thread that loses its core stalls every parallel op: a smoke-sized DCGAN step took
-# 1.7 s instead of 0.03 s on a loaded 2-core machine. Passive waiting is the fair setting there
-# (set OMP_WAIT_POLICY yourself to override). It is set in the package because OpenMP reads it
-# once, when torch first loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -133,7 +133,7 @@ def set_threads() -> int:
 
 def _device_report(device: torch.device) -> dict:
   if device.type != "cuda":
-    return {"device": "cpu", "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
+    return {"device": "cpu"}
   return {
     "device": torch.cuda.get_device_name(device),
     # PyTorch's defaults: float32 convolutions may use TF32 on the GPU's matrix units, float32

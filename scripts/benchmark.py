@@ -9,7 +9,10 @@ FLOP/s it reaches against the best of a float32 matmul here, and the input pipel
 --vs-pytorch also times the same networks and train step in PyTorch (benchmarks/pytorch_*.py),
 in float32 and with bfloat16 autocast, each after ours; and, in the config's precision, its
 blocks of steps alternating with ours (`pytorch.interleaved`), which a shared machine's drifting
-speed affects alike. It needs `pip install torch==2.13.0` (the CPU build).
+speed affects alike. It does so twice, each time in a fresh process of this script, under
+OMP_WAIT_POLICY=PASSIVE and with the variable unset (OpenMP's default), and compares ours with
+PyTorch at its best (`pytorch.speedup_vs_pytorch_best`; benchmarks/wait_policy.py says why).
+It needs `pip install torch==2.13.0` (the CPU build). `omp_wait_policy` records the policy.
 """
 
 import contextlib
@@ -17,6 +20,7 @@ import importlib
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 from absl import flags, logging
@@ -25,7 +29,7 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ is not part of the installed package
 
-from benchmarks import speed  # noqa: E402
+from benchmarks import speed, wait_policy  # noqa: E402
 from gan import cli, models  # noqa: E402
 from gan.errors import UserError  # noqa: E402
 
@@ -66,7 +70,6 @@ def _check_pytorch(family: str) -> None:
 
 def _pytorch_twin(config):
   """benchmarks/pytorch_<config.model.name>.py."""
-  # Imported only now: it sets PyTorch's OpenMP wait policy before torch loads.
   return importlib.import_module(f"benchmarks.pytorch_{config.model.name}")
 
 
@@ -93,13 +96,12 @@ def _time_pytorch(config, jax_images_per_second: float) -> dict:
   return report
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
+def _measure(config, policy: str | None) -> dict:
+  """This process's report. With --vs-pytorch (in a child, under OpenMP wait policy `policy`),
+  PyTorch's beside ours."""
   versus = None
   if _VS_PYTORCH.value:
-    _check_pytorch(config.model.name)  # before a whole JAX benchmark, not after it
+    wait_policy.load_openmp(policy)  # before our side can load OpenMP
     versus = _pytorch_block(config)
   report = {
     "config": config_flags.get_config_filename(flags.FLAGS["config"]),
@@ -121,7 +123,32 @@ def main(argv):
       interleaved = report.pop("interleaved")
       report["pytorch"] = _time_pytorch(config, report["step_images_per_second"])
       report["pytorch"]["interleaved"] = {"dtype": config.model.dtype, **interleaved}
-  print(json.dumps(report, indent=2))
+  # Without --vs-pytorch, gan_cpu_kernels (when it ran) set the variable before loading OpenMP.
+  report["omp_wait_policy"] = policy or wait_policy.current_policy()
+  return report
+
+
+def _compare_both_ways() -> dict:
+  """--vs-pytorch: this script with the same flags in a child per OpenMP wait policy, merged."""
+  command = [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+  try:
+    outputs = wait_policy.run_children(command)
+  except subprocess.CalledProcessError as e:
+    sys.exit(e.returncode)  # the child has said why on stderr
+  return wait_policy.merge({policy: json.loads(out) for policy, out in outputs.items()})
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  child_policy = os.environ.get(wait_policy.CHILD_VARIABLE)
+  if _VS_PYTORCH.value:
+    _check_pytorch(config.model.name)  # before a whole JAX benchmark, not after it
+    if child_policy is None:
+      print(json.dumps(_compare_both_ways(), indent=2))
+      return
+  print(json.dumps(_measure(config, child_policy if _VS_PYTORCH.value else None), indent=2))
 
 
 if __name__ == "__main__":

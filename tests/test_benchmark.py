@@ -1,5 +1,6 @@
-"""scripts/benchmark.py on a tiny config, its one-line error without PyTorch, and the PyTorch
-twins in benchmarks/ (those tests need torch, which CI does not install)."""
+"""scripts/benchmark.py on a tiny config, its one-line error without PyTorch, the comparison run
+once per OpenMP wait policy, and the PyTorch twins in benchmarks/ (those tests need torch, which
+CI does not install)."""
 
 import json
 import math
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import ROOT, run_script, tiny_config
 
-from benchmarks import speed
+from benchmarks import speed, wait_policy
 from configs import dcgan, dense
 from gan import models, parallel
 from gan import state as state_lib
@@ -55,6 +56,12 @@ def test_benchmark_prints_every_measurement_as_a_positive_finite_number(report):
   assert report["fraction_of_ceiling"] == pytest.approx(
     report["achieved_flops_per_second"] / report["matmul_ceiling_flops_per_second"]
   )
+
+
+def test_the_report_records_the_openmp_wait_policy(report):
+  # gan_cpu_kernels sets PASSIVE, when the variable is unset, before it loads OpenMP.
+  default = "PASSIVE" if report["conv_impl"] == "onednn" else "unset"
+  assert report["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", default)
 
 
 def test_the_ceiling_is_of_the_configs_compute_dtype(report):
@@ -201,6 +208,87 @@ def test_vs_pytorch_without_torch_is_a_one_line_error():
   assert result.stdout == ""
 
 
+def test_each_child_gets_its_wait_policy_in_its_environment():
+  parent = {"PATH": "/bin", "OMP_WAIT_POLICY": "ACTIVE"}
+  passive = wait_policy.child_environment(parent, "PASSIVE")
+  unset = wait_policy.child_environment(parent, "unset")
+  assert passive["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_WAIT_POLICY" not in unset
+  assert passive[wait_policy.CHILD_VARIABLE] == "PASSIVE"
+  assert unset[wait_policy.CHILD_VARIABLE] == "unset"
+  assert passive["PATH"] == unset["PATH"] == "/bin"
+  assert parent == {"PATH": "/bin", "OMP_WAIT_POLICY": "ACTIVE"}
+  with pytest.raises(ValueError, match="unknown OpenMP wait policy"):
+    wait_policy.child_environment(parent, "ACTIVE")
+
+
+def test_the_children_run_one_after_the_other_one_per_policy(monkeypatch):
+  calls = []
+
+  def fake_run(command, **kwargs):
+    calls.append((command, kwargs["env"]))
+    policy = kwargs["env"][wait_policy.CHILD_VARIABLE]
+    return subprocess.CompletedProcess(command, 0, stdout=f'{{"policy": "{policy}"}}')
+
+  monkeypatch.setattr(wait_policy.subprocess, "run", fake_run)
+  outputs = wait_policy.run_children(["python", "benchmark.py", "--vs-pytorch"])
+  assert outputs == {policy: f'{{"policy": "{policy}"}}' for policy in wait_policy.POLICIES}
+  assert [command for command, _ in calls] == [["python", "benchmark.py", "--vs-pytorch"]] * 2
+  assert [env.get("OMP_WAIT_POLICY", "unset") for _, env in calls] == ["PASSIVE", "unset"]
+
+
+def _child_report(jax_images, interleaved, fp32, bf16, policy) -> dict:
+  """A child's report, reduced to what the merge reads, with these speed-ups over PyTorch."""
+  return {
+    "omp_wait_policy": policy,
+    "step_images_per_second": jax_images,
+    "pytorch": {
+      "images_per_second_fp32": jax_images / fp32,
+      "jax_speedup_over_fp32": fp32,
+      "jax_speedup_over_bf16": bf16,
+      "interleaved": {"speedup_median": interleaved},
+    },
+  }
+
+
+def test_against_pytorch_at_its_best_each_comparison_takes_the_lower_speedup():
+  # PyTorch is faster unset side by side and in fp32, faster with PASSIVE in bf16.
+  reports = {
+    "PASSIVE": _child_report(90.0, 1.40, 1.50, 0.90, "PASSIVE"),
+    "unset": _child_report(88.0, 1.25, 1.30, 1.10, "unset"),
+  }
+  merged = wait_policy.merge(reports)
+  pytorch = merged["pytorch"]
+  assert pytorch["speedup_vs_pytorch_best"] == {
+    "interleaved": 1.25,
+    "sequential_fp32": 1.30,
+    "sequential_bf16": 0.90,
+  }
+  assert pytorch["pytorch_best_omp_wait_policy"] == {
+    "interleaved": "unset",
+    "sequential_fp32": "unset",
+    "sequential_bf16": "PASSIVE",
+  }
+  # The top is the child in which PyTorch did best side by side.
+  assert merged["omp_wait_policy"] == "unset" and merged["step_images_per_second"] == 88.0
+  both = pytorch["by_omp_wait_policy"]
+  assert set(both) == {"PASSIVE", "unset"}
+  assert both["PASSIVE"]["jax_step_images_per_second"] == 90.0
+  assert both["PASSIVE"]["interleaved"]["speedup_median"] == 1.40
+  assert both["unset"]["images_per_second_fp32"] == pytest.approx(88.0 / 1.30)
+  assert "by_omp_wait_policy" not in reports["unset"]["pytorch"]  # the children's are untouched
+
+
+def test_a_child_cannot_choose_the_policy_once_openmp_may_be_loaded(monkeypatch):
+  monkeypatch.setitem(sys.modules, "gan_cpu_kernels", object())
+  with pytest.raises(RuntimeError, match="already be loaded"):
+    wait_policy.load_openmp("PASSIVE")
+  for module in ("gan_cpu_kernels", "torch"):
+    monkeypatch.delitem(sys.modules, module, raising=False)
+  monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+  with pytest.raises(RuntimeError, match="not the child's unset"):
+    wait_policy.load_openmp("unset")
+
+
 _RECIPES = {"dcgan": dcgan, "dense": dense}
 
 
@@ -225,14 +313,25 @@ def test_vs_pytorch_also_alternates_its_blocks_with_ours_in_the_configs_precisio
     "--input_batches=0",
     "--config.model.dtype=bfloat16",
     "--vs-pytorch",
+    # GNU OpenMP prints its settings when it loads: one OpenMP per child.
+    env={"OMP_DISPLAY_ENV": "VERBOSE"},
   )
   assert result.returncode == 0, result.stderr[-3000:]
   pytorch = json.loads(result.stdout)["pytorch"]
-  interleaved = pytorch["interleaved"]
-  assert interleaved["dtype"] == "bfloat16"
-  for name in ("versus_step_seconds_median", "versus_images_per_second", "speedup_median"):
-    assert 0 < interleaved[name] < math.inf, name
-  assert pytorch["images_per_second_bf16"] > 0
+  for report in (pytorch, *pytorch["by_omp_wait_policy"].values()):
+    interleaved = report["interleaved"]
+    assert interleaved["dtype"] == "bfloat16"
+    for name in ("versus_step_seconds_median", "versus_images_per_second", "speedup_median"):
+      assert 0 < interleaved[name] < math.inf, name
+    assert report["images_per_second_bf16"] > 0
+  assert set(pytorch["by_omp_wait_policy"]) == set(wait_policy.POLICIES)
+  for speedup in pytorch["speedup_vs_pytorch_best"].values():
+    assert 0 < speedup < math.inf
+  # PASSIVE waits without spinning; unset spins a while: neither is the other's.
+  spin_counts = [
+    line.split("=")[1].strip() for line in result.stderr.splitlines() if "GOMP_SPINCOUNT" in line
+  ]
+  assert spin_counts[0] == "'0'" and spin_counts[1] != "'0'" and len(spin_counts) == 2
 
 
 @pytest.mark.parametrize("family", ["dcgan", "dense"])
