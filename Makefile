@@ -10,8 +10,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+# On x86-64 Linux, setup also installs the CPU kernels (kernels/, gan-cpu-kernels; no pip extra
+# can name a local package): their C++ is compiled here, once, against this venv's jax (hence no
+# build isolation), so their build requirements (kernels/pyproject.toml) are installed first.
+KERNELS_BUILD := 'setuptools>=77' onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0
+KERNELS := kernels/pyproject.toml kernels/setup.py kernels/csrc/onednn_conv.cc \
+  $(wildcard kernels/gan_cpu_kernels/*.py)
+
+$(VENV)/.installed: setup.cfg pyproject.toml $(KERNELS) | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
+ifeq ($(shell uname -sm),Linux x86_64)
+	$(BIN)/pip install --quiet $(KERNELS_BUILD)
+	$(BIN)/pip install --quiet --no-build-isolation ./kernels
+endif
 	touch $@
 
 setup: $(VENV)/.installed
