@@ -15,7 +15,6 @@ on it.
 """
 
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # 'xla': the layers as defined, compiled by XLA for any backend; 'onednn': the CPU kernels of the
 # optional package gan_cpu_kernels (kernels/); 'auto': the kernels where they run, else xla.
 CONV_IMPLS = ("auto", "xla", "onednn")
+ACTIVATIONS = tuple(layers.ACTIVATIONS)
+G_NORMS, D_NORMS = dense.G_NORMS, dense.D_NORMS
 
 
 def _why_not_onednn(dtype: str) -> str | None:
@@ -72,105 +73,41 @@ def resolve_conv_impl(conv_impl: str, dtype: str) -> str:
   return "xla"
 
 
-def _field(model_config: ml_collections.ConfigDict, name: str):
-  if name not in model_config:
-    raise UserError(f"The config has no model.{name}, which model {model_config.name!r} needs.")
-  return model_config[name]
-
-
-def _positive_int(model_config: ml_collections.ConfigDict, name: str) -> int:
-  value = _field(model_config, name)
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise UserError(f"model.{name} must be a positive integer, got {value!r}.")
-  return value
-
-
-def _widths(model_config: ml_collections.ConfigDict, name: str) -> tuple[int, ...]:
-  value = _field(model_config, name)
-  if (
-    not isinstance(value, Sequence)
-    or not value
-    or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in value)
-  ):
-    raise UserError(f"model.{name} must be a non-empty tuple of positive integers, got {value!r}.")
-  return tuple(value)
-
-
-def _choice(model_config: ml_collections.ConfigDict, name: str, choices: Sequence[str]) -> str:
-  value = _field(model_config, name)
-  if value not in choices:
-    raise UserError(f"Unknown model.{name} {value!r}; choose one of {', '.join(choices)}.")
-  return value
-
-
-def _check_resolution(name: str, resolution: int) -> None:
-  if isinstance(resolution, bool) or not isinstance(resolution, int):
-    raise UserError(f"The resolution must be an integer, got {resolution!r}.")
-  if name == "dcgan" and (resolution < 16 or resolution & (resolution - 1)):
-    raise UserError(
-      f"dcgan cannot make {resolution} px images: it doubles 4x4 up, so the resolution must be "
-      "a power of two >= 16 (e.g. 32, 64, 128)."
-    )
-  if name == "dense" and resolution < 8:
-    raise UserError(f"dense cannot make {resolution} px images: the resolution must be >= 8.")
-
-
 def create_models(
   model_config: ml_collections.ConfigDict, resolution: int, *, rngs: nnx.Rngs
 ) -> tuple[nnx.Module, nnx.Module]:
   """Returns (generator, discriminator) for model_config.name in {'dcgan', 'dense'}, computed
   as model_config.conv_impl says (resolved here if it is 'auto').
 
-  Raises:
-    UserError: for an unknown name, dtype, activation, norm or conv_impl, bad widths, a
-      resolution the architecture cannot make, or conv_impl 'onednn' where it cannot run.
-  """
-  name = model_config.get("name")
-  if name not in MODEL_NAMES:
-    raise UserError(f"Unknown model.name {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
-  _check_resolution(name, resolution)
-  latent_dim = _positive_int(model_config, "latent_dim")
-  dtype_name = _choice(model_config, "dtype", tuple(DTYPES))
-  dtype = DTYPES[dtype_name]
-  conv_impl = resolve_conv_impl(_field(model_config, "conv_impl"), dtype_name)
+  The config is trusted: `gan.config.validate` checks it (with the resolution) before any run.
 
-  if name == "dcgan":
-    base_width = _positive_int(model_config, "base_width")
-    generator = dcgan.Generator(
-      latent_dim=latent_dim,
-      resolution=resolution,
-      base_width=base_width,
-      conv_impl=conv_impl,
-      dtype=dtype,
-      rngs=rngs,
+  Raises:
+    UserError: for conv_impl 'onednn' where it cannot run.
+  """
+  dtype = DTYPES[model_config.dtype]
+  conv_impl = resolve_conv_impl(model_config.conv_impl, model_config.dtype)
+  common = dict(resolution=resolution, conv_impl=conv_impl, dtype=dtype, rngs=rngs)
+  if model_config.name == "dcgan":
+    width = model_config.base_width
+    return (
+      dcgan.Generator(latent_dim=model_config.latent_dim, base_width=width, **common),
+      dcgan.Discriminator(base_width=width, **common),
     )
-    discriminator = dcgan.Discriminator(
-      resolution=resolution, base_width=base_width, conv_impl=conv_impl, dtype=dtype, rngs=rngs
-    )
-  else:
-    dropout = _field(model_config, "d_dropout")
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-      raise UserError(f"model.d_dropout must be a rate in [0, 1), got {dropout!r}.")
-    generator = dense.Generator(
-      latent_dim=latent_dim,
-      resolution=resolution,
-      widths=_widths(model_config, "g_widths"),
-      activation=_choice(model_config, "activation", tuple(layers.ACTIVATIONS)),
-      norm=_choice(model_config, "g_norm", dense.G_NORMS),
-      conv_impl=conv_impl,
-      dtype=dtype,
-      rngs=rngs,
-    )
-    discriminator = dense.Discriminator(
-      resolution=resolution,
-      widths=_widths(model_config, "d_widths"),
-      norm=_choice(model_config, "d_norm", dense.D_NORMS),
-      dropout=float(dropout),
-      conv_impl=conv_impl,
-      dtype=dtype,
-      rngs=rngs,
-    )
-  return generator, discriminator
+  return (
+    dense.Generator(
+      latent_dim=model_config.latent_dim,
+      widths=tuple(model_config.g_widths),
+      activation=model_config.activation,
+      norm=model_config.g_norm,
+      **common,
+    ),
+    dense.Discriminator(
+      widths=tuple(model_config.d_widths),
+      norm=model_config.d_norm,
+      dropout=float(model_config.d_dropout),
+      **common,
+    ),
+  )
 
 
 def count_params(model: nnx.Module) -> int:
