@@ -7,7 +7,7 @@ trains the dense recipe on the Kaggle anime faces at 64 px. The arguments after 
   smoke      a run of under a minute on a 2-core CPU on synthetic_faces at 32 px that still
              saves checkpoints, writes sample grids and logs to TensorBoard;
   synthetic  the full-length run on the built-in synthetic_faces.
-See README.md for the time each takes and what to expect from it.
+README.md says what to expect from each; docs/performance.md how long each takes.
 """
 
 import ml_collections

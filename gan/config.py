@@ -6,6 +6,7 @@ implementation that will run, so that config.json says which one computed the ru
 """
 
 import math
+import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -158,5 +159,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _integer(config, "restore_step", 0)
   _integer(config, "mesh.data_axis_size", 0)
   resolved = config.copy_and_resolve_references()
+  resolved.data.path = os.path.expanduser(config.data.path)  # `--config.data.path=~/...`
   resolved.model.conv_impl = models.resolve_conv_impl(config.model.conv_impl, config.model.dtype)
   return resolved

@@ -49,6 +49,7 @@ def report():
   return json.loads(result.stdout)  # stdout holds the JSON object and nothing else
 
 
+@pytest.mark.slow
 def test_benchmark_prints_every_measurement_as_a_positive_finite_number(report):
   for name in MEASUREMENTS:
     value = report[name]
@@ -58,18 +59,21 @@ def test_benchmark_prints_every_measurement_as_a_positive_finite_number(report):
   )
 
 
+@pytest.mark.slow
 def test_the_report_records_the_openmp_wait_policy(report):
   # gan_cpu_kernels sets PASSIVE, when the variable is unset, before it loads OpenMP.
   default = "PASSIVE" if report["conv_impl"] == "onednn" else "unset"
   assert report["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", default)
 
 
+@pytest.mark.slow
 def test_the_ceiling_is_of_the_configs_compute_dtype(report):
   assert report["dtype"] == report["matmul_ceiling_dtype"] == "float32"
   bf16 = speed.matmul_ceiling(1, sizes=(64,), dtype=jnp.bfloat16)
   assert math.isfinite(bf16) and bf16 > 0
 
 
+@pytest.mark.slow
 def test_benchmark_describes_the_device_and_the_config(report):
   assert report["device"]["platform"] == "cpu" and report["device"]["count"] >= 1
   assert report["device"]["kind"]
@@ -113,6 +117,7 @@ def test_without_the_cache_the_pipeline_has_one_rate():
   assert rates["input_pipeline_cached_images_per_second"] is None
 
 
+@pytest.mark.slow
 def test_a_versus_block_alternates_with_ours_and_the_speedup_is_the_median_pair(monkeypatch):
   config = tiny_config("dcgan")
   versus_calls = []
@@ -144,6 +149,7 @@ def test_a_versus_block_alternates_with_ours_and_the_speedup_is_the_median_pair(
   assert "interleaved" not in speed.time_train_step(config, repeats=1, steps=1)
 
 
+@pytest.mark.slow
 def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline():
   config = tiny_config("dcgan", checkpoint__every=1000, eval__every=500)
   result = speed.run(config, repeats=1, steps=1, input_batches=0, loop_steps=6)
@@ -163,6 +169,7 @@ def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("counts", [(0, 1, 1, 0), (1, 0, 1, 0), (1, 1, -1, 0), (1, 1, 1, -1)])
 def test_counts_below_their_least_are_user_errors(counts):
   repeats, steps, input_batches, loop_steps = counts
@@ -191,6 +198,7 @@ def test_flops_come_from_either_form_of_cost_analysis_or_are_none(analysis, flop
   assert speed.flops_from_cost_analysis(analysis) == flops
 
 
+@pytest.mark.slow
 def test_vs_pytorch_without_torch_is_a_one_line_error():
   # The script as a user without PyTorch runs it: None in sys.modules makes `import torch` fail.
   argv = [os.path.join(ROOT, "scripts", "benchmark.py"), *TINY_DCGAN, "--vs-pytorch"]
@@ -221,6 +229,7 @@ def test_each_child_gets_its_wait_policy_in_its_environment():
     wait_policy.child_environment(parent, "ACTIVE")
 
 
+@pytest.mark.slow
 def test_the_children_run_one_after_the_other_one_per_policy(monkeypatch):
   calls = []
 
@@ -250,6 +259,7 @@ def _child_report(jax_images, interleaved, fp32, bf16, policy) -> dict:
   }
 
 
+@pytest.mark.slow
 def test_against_pytorch_at_its_best_each_comparison_takes_the_lower_speedup():
   # PyTorch is faster unset side by side and in fp32, faster with PASSIVE in bf16.
   reports = {
@@ -305,6 +315,7 @@ def test_pytorch_twin_has_the_parameter_counts_of_ours(family, arg):
   assert counts == speed.parameter_counts(config)
 
 
+@pytest.mark.slow
 def test_vs_pytorch_also_alternates_its_blocks_with_ours_in_the_configs_precision():
   pytest.importorskip("torch")
   result = run_script(

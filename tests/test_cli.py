@@ -63,6 +63,7 @@ cli.run(main)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["error", "success"])
 def test_a_user_error_is_the_last_line_whatever_shutdown_prints(ending):
   ran = subprocess.run(
@@ -78,6 +79,7 @@ def test_a_user_error_is_the_last_line_whatever_shutdown_prints(ending):
   assert "oneDNN" not in ran.stderr  # TensorFlow's start-up banner (cli.run imports it)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "script", ["train.py", "sample.py", "evaluate.py", "checkpoints.py", "benchmark.py"]
 )

@@ -45,14 +45,18 @@ def _layer(module: str) -> int:
   raise AssertionError(f"{module} has no layer in LAYERS: place it")
 
 
+def _ours(module: str) -> bool:
+  return module == "gan" or module.startswith("gan.")
+
+
 def _imports(path: pathlib.Path) -> set[str]:
   """The gan modules a file imports (`from gan import x` counts as gan.x where that exists)."""
   modules = _modules()
   found = set()
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
-      found.update(a.name for a in node.names if a.name.startswith("gan"))
-    elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gan"):
+      found.update(a.name for a in node.names if _ours(a.name))
+    elif isinstance(node, ast.ImportFrom) and node.module and _ours(node.module):
       for alias in node.names:
         child = f"{node.module}.{alias.name}"
         found.add(child if child in modules else node.module)

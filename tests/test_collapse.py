@@ -135,6 +135,7 @@ def _poison(workdir, config, from_step):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(workdir):
   trainer.train_and_evaluate(
     _judge_only_non_finite(tiny_config("dense", train__num_steps=4)), workdir
@@ -163,6 +164,7 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
   assert any("5" in os.listdir(os.path.join(aside, d)) for d in os.listdir(aside))
 
 
+@pytest.mark.slow
 def test_with_only_warm_up_checkpoints_a_rollback_starts_afresh(workdir):
   # The smoke configs' warm-up outlasts these runs: their checkpoints are never judged.
   trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
@@ -181,6 +183,7 @@ def test_with_only_warm_up_checkpoints_a_rollback_starts_afresh(workdir):
   assert sorted(moved, key=int) == ["2", "4", "5"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_a_damaged_checkpoint_is_skipped_with_a_warning_for_the_one_before(damage, workdir, caplog):
   trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
@@ -201,6 +204,7 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning_for_the_one_before(damag
   assert resumed.all_steps() == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_with_rollback_off_a_collapse_stops_the_run_with_one_line(workdir):
   config = tiny_config("dense", train__g_lr=1e30, train__d_lr=1e30)
   config.collapse.rollback = False
@@ -208,6 +212,7 @@ def test_with_rollback_off_a_collapse_stops_the_run_with_one_line(workdir):
     trainer.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
   trainer.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
   listed = run_script("checkpoints.py", "list", f"--workdir={workdir}")
@@ -231,6 +236,7 @@ def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
   assert int(resumed.step) == 4
 
 
+@pytest.mark.slow
 def test_collapse_study_tabulates_each_seed(tmp_path):
   result = run_script(
     "collapse_study.py",

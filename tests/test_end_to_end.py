@@ -30,6 +30,7 @@ def _saved_steps(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["dcgan", "dense"])
 def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
   result = run_script("train.py", f"--config=configs/{family}.py:smoke", f"--workdir={workdir}")
@@ -69,6 +70,7 @@ def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
   assert "step" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
 
 
+@pytest.mark.slow
 def test_restart_resumes_where_the_last_run_stopped_and_matches_an_unbroken_run(tmp_path):
   broken, unbroken = str(tmp_path / "broken"), str(tmp_path / "unbroken")
   trainer.train_and_evaluate(tiny_config("dcgan", train__num_steps=2), broken)
@@ -80,6 +82,7 @@ def test_restart_resumes_where_the_last_run_stopped_and_matches_an_unbroken_run(
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_restore_step_starts_from_an_earlier_checkpoint(workdir):
   trainer.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
   assert _saved_steps(workdir) == [2, 4, 6]
@@ -90,6 +93,7 @@ def test_restore_step_starts_from_an_earlier_checkpoint(workdir):
   assert glob.glob(os.path.join(workdir, "checkpoints_aside", "*", "4"))
 
 
+@pytest.mark.slow
 def test_restore_step_that_was_never_saved_is_one_clear_error(workdir):
   trainer.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
   config = tiny_config("dense")
@@ -98,6 +102,7 @@ def test_restore_step_that_was_never_saved_is_one_clear_error(workdir):
     trainer.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   ("flag", "message"),
   [
@@ -113,6 +118,7 @@ def test_user_mistakes_are_one_line_without_a_traceback(flag, message, workdir):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_termination_signal_saves_after_the_current_step_and_exits_cleanly(sig, workdir):
   process = subprocess.Popen(
@@ -140,6 +146,7 @@ def test_a_termination_signal_saves_after_the_current_step_and_exits_cleanly(sig
   assert 0 < step < 100000
 
 
+@pytest.mark.slow
 def test_load_run_gives_back_the_config_and_the_saved_state(workdir):
   final = trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   config, nets, state = inference.load_run(workdir)

@@ -19,6 +19,7 @@ def run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_every_checkpoint_stores_the_quality_metrics(run):
   ckpt = checkpointing.Checkpointer(os.path.join(run, "checkpoints"))
   for step in ckpt.all_steps():
@@ -38,6 +39,7 @@ def test_policy_keeps_the_best_checkpoint_by_the_chosen_metric(tmp_path):
   assert ckpt.all_steps() == [4, 8]
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_weight_free_metrics_as_json(run):
   result = run_script("evaluate.py", f"--workdir={run}", "--num_samples=16")
   assert result.returncode == 0, result.stderr[-2000:]
@@ -46,6 +48,7 @@ def test_evaluate_prints_the_weight_free_metrics_as_json(run):
   assert scores["swd_mean"] > 0 and 0 <= scores["recall"] <= 1
 
 
+@pytest.mark.slow
 def test_evaluate_asked_for_fid_without_weights_says_where_to_get_them(run, tmp_path):
   result = run_script(
     "evaluate.py",
@@ -58,6 +61,7 @@ def test_evaluate_asked_for_fid_without_weights_says_where_to_get_them(run, tmp_
   assert "pt_inception-2015-12-05" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_an_unknown_step_lists_the_saved_ones(run):
   result = run_script("evaluate.py", f"--workdir={run}", "--step=3")
   assert result.returncode == 2

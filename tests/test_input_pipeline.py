@@ -474,6 +474,7 @@ print("exiting")
 """
 
 
+@pytest.mark.slow
 def test_a_process_exits_while_its_pipeline_is_still_loading_batches():
   # Left to the interpreter's shutdown, the pipeline's loader would wait for the GIL forever.
   # Without the fix this hung in 4 tries out of 4 here.

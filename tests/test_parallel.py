@@ -59,6 +59,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_and_checkpoints_move_between_them(tmp_path):
   result = subprocess.run(
     [sys.executable, "-c", _ON_EIGHT_DEVICES, str(tmp_path)],
@@ -134,6 +135,7 @@ def _two_processes(workdir: str, num_steps: int, *flags: str) -> list[subprocess
   return results
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_write_one_set_of_logs_and_resume(tmp_path):
   workdir = str(tmp_path / "two")
   for process in _two_processes(workdir, 4):
@@ -167,6 +169,7 @@ _JUDGE_ONLY_NON_FINITE = [
 ]
 
 
+@pytest.mark.slow
 def test_two_processes_roll_back_together(tmp_path):
   workdir = str(tmp_path / "two")
   for process in _two_processes(workdir, 4, *_JUDGE_ONLY_NON_FINITE):

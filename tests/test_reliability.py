@@ -59,6 +59,7 @@ def _leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
 
 
+@pytest.mark.slow
 def test_killed_twenty_times_the_run_resumes_and_ends_bit_for_bit_as_an_unbroken_one(tmp_path):
   workdir = str(tmp_path / "killed")
   cache = str(tmp_path / "xla_cache")  # the children share compiled programs: restarts are quick
@@ -110,6 +111,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_earlier_ones_stay_good(
   workdir,
 ):

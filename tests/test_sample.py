@@ -65,11 +65,13 @@ def _ok(runs, name: str):
   return folder
 
 
+@pytest.mark.slow
 def test_writes_a_grid_of_num_samples(runs):
   folder = _ok(runs, "grid")
   assert Image.open(folder / "grid.png").size == (_grid_side(3), _grid_side(3))
 
 
+@pytest.mark.slow
 def test_single_writes_one_png_per_sample(runs):
   out = _ok(runs, "single") / "samples"
   files = sorted(os.listdir(out))
@@ -77,6 +79,7 @@ def test_single_writes_one_png_per_sample(runs):
   assert Image.open(out / files[0]).size == (RESOLUTION, RESOLUTION)
 
 
+@pytest.mark.slow
 def test_interpolate_writes_a_strip_and_an_animated_gif(runs):
   folder = _ok(runs, "interpolate")
   assert Image.open(folder / "walk.png").size == (_grid_side(8), _grid_side(2))
@@ -85,11 +88,13 @@ def test_interpolate_writes_a_strip_and_an_animated_gif(runs):
   assert gif.size == (_grid_side(1), _grid_side(2))
 
 
+@pytest.mark.slow
 def test_nearest_writes_samples_beside_training_images(runs):
   folder = _ok(runs, "nearest")
   assert Image.open(folder / "nearest.png").size == (_grid_side(3), _grid_side(4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["no_workdir", "unknown_step", "bad_num"])
 def test_user_mistakes_are_one_line(runs, name):
   result = runs[1][name]

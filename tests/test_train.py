@@ -141,6 +141,7 @@ def test_bad_settings_are_refused_before_any_work(field, value, message):
     config_lib.validate(tiny_config("dcgan", **{field: value}))
 
 
+@pytest.mark.slow
 def test_training_reports_where_its_time_went(workdir):
   timings = monitoring.Timings()
   trainer.train_and_evaluate(tiny_config("dense"), workdir, timings)  # 4 steps, both every 2
@@ -150,6 +151,7 @@ def test_training_reports_where_its_time_went(workdir):
   assert "3 more steps" in timings.summary()
 
 
+@pytest.mark.slow
 def test_the_log_is_kept_in_the_workdir_and_a_resume_appends_to_it(workdir):
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.INFO)  # as the scripts run
@@ -170,6 +172,7 @@ def _train_twice(workdir):
   assert both.startswith(first) and "Training from step 2 to 4" in both
 
 
+@pytest.mark.slow
 def test_a_resumed_run_takes_changed_adam_settings_from_its_config(workdir):
   config = tiny_config("dense", train__num_steps=2)
   trainer.train_and_evaluate(config, workdir)

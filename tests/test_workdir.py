@@ -25,6 +25,7 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
     pass
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
   holder = subprocess.Popen(
     [
@@ -51,6 +52,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     pass
 
 
+@pytest.mark.slow
 def test_a_trainer_is_refused_while_another_holds_the_workdir(workdir):
   os.makedirs(workdir)
   with workdir_lock.hold(workdir, "a trainer"), pytest.raises(UserError, match="in use by"):
@@ -68,6 +70,7 @@ def _digests(directory: str) -> dict[str, str]:
   return digests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "changes, named",
   [

@@ -32,6 +32,7 @@ def test_the_library_is_in_the_installed_package():
   assert Path(kernels.__file__).with_name("libgan_cpu_kernels.so").is_file()
 
 
+@pytest.mark.slow
 def test_the_package_runs_with_no_compiler_and_lets_idle_openmp_workers_sleep():
   policy, total = _run()
   assert policy == "PASSIVE"
@@ -40,5 +41,6 @@ def test_the_package_runs_with_no_compiler_and_lets_idle_openmp_workers_sleep():
   assert float(total) == 2 * 2 * 3 * (3 * 3 * 2)
 
 
+@pytest.mark.slow
 def test_a_wait_policy_already_set_is_kept():
   assert _run(OMP_WAIT_POLICY="ACTIVE")[0] == "ACTIVE"
