@@ -92,6 +92,7 @@ def _tiny_dcgan_flops(dtype: str, conv_impl: str = "auto") -> float:
   return speed.count_flops(nets, config, (state, batch, jax.random.PRNGKey(0)))
 
 
+@pytest.mark.slow
 def test_the_flop_count_includes_the_convolutions_that_onednn_runs():
   if models.resolve_conv_impl("auto", "float32") != "onednn":
     pytest.skip("the CPU kernels do not run the layers here")
@@ -105,6 +106,7 @@ def test_the_flop_count_includes_the_convolutions_that_onednn_runs():
   assert _tiny_dcgan_flops("float32", "onednn") > 5 * d_forward
 
 
+@pytest.mark.slow
 def test_bf16_counts_the_flops_of_the_same_function_as_fp32():
   # Not the dot forms' (which compute a border of zeros too): only converts may add.
   assert _tiny_dcgan_flops("bfloat16") == pytest.approx(_tiny_dcgan_flops("float32"), rel=0.03)
@@ -302,6 +304,7 @@ def test_a_child_cannot_choose_the_policy_once_openmp_may_be_loaded(monkeypatch)
 _RECIPES = {"dcgan": dcgan, "dense": dense}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["dcgan", "dense"])
 @pytest.mark.parametrize("arg", ["smoke", None])
 def test_pytorch_twin_has_the_parameter_counts_of_ours(family, arg):
@@ -345,6 +348,7 @@ def test_vs_pytorch_also_alternates_its_blocks_with_ours_in_the_configs_precisio
   assert spin_counts[0] == "'0'" and spin_counts[1] != "'0'" and len(spin_counts) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["dcgan", "dense"])
 def test_pytorch_twin_times_its_train_step_in_both_precisions(family):
   pytest.importorskip("torch")

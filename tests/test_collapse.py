@@ -73,6 +73,7 @@ def test_warm_up_leaves_a_young_generator_that_draws_one_face_unjudged():
   assert later.verdict == verdict.SUSPECT
 
 
+@pytest.mark.slow
 def test_probe_sees_a_generator_that_draws_one_face_as_collapsed():
   config = tiny_config("dcgan")
   config.collapse.warmup_steps = 0

@@ -40,11 +40,13 @@ def _collapsed(key: jax.Array, num: int, noise: float = 0.03) -> jax.Array:
   return jnp.clip(one + noise * jax.random.normal(noise_key, (num, SIZE, SIZE, 3)), -1, 1)
 
 
+@pytest.mark.slow
 def test_collapsed_batch_has_pairwise_ms_ssim_near_one():
   images = _collapsed(jax.random.key(0), 64)
   assert float(mean_pairwise_ms_ssim(images, jax.random.key(1), 256)) > 0.9
 
 
+@pytest.mark.slow
 def test_diverse_batch_has_low_pairwise_ms_ssim():
   images = _blobs(jax.random.key(2), 64)
   assert float(mean_pairwise_ms_ssim(images, jax.random.key(3), 256)) < 0.3
@@ -76,6 +78,7 @@ def test_nearest_neighbour_distance_is_the_rms_pixel_difference():
   np.testing.assert_allclose(nearest_neighbour_distances(images), [0.5, 0.5, 1.0], atol=1e-6)
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), duplicates=st.integers(0, 16), threshold=st.floats(0.01, 2.0))
 def test_rates_lie_in_unit_interval(seed, duplicates, threshold):

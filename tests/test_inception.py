@@ -121,6 +121,7 @@ def test_the_state_dict_table_has_pytorch_fids_parameter_count():
   assert trainable == 27_161_264 - 3_326_696 + 16_392
 
 
+@pytest.mark.slow
 def test_features_of_small_images_are_finite_2048_vectors(weights_path):
   features = inception.load_inception(weights_path)
   rng = np.random.default_rng(1)
@@ -134,6 +135,7 @@ def test_features_of_small_images_are_finite_2048_vectors(weights_path):
     assert not np.allclose(out[0], out[1])
 
 
+@pytest.mark.slow
 def test_loaded_kernels_are_pytorchs_transposed_to_hwio(weights_path):
   model = inception.load_inception_model(weights_path)
   weight = _state_dict()["Conv2d_1a_3x3.conv.weight"]  # OIHW
@@ -201,6 +203,7 @@ def test_default_path_follows_the_environment(monkeypatch):
   )
 
 
+@pytest.mark.slow
 def test_a_missing_key_is_named(tmp_path):
   arrays = dict(_state_dict())
   del arrays["Mixed_6c.branch7x7dbl_3.bn.running_var"]
@@ -210,6 +213,7 @@ def test_a_missing_key_is_named(tmp_path):
     inception.load_inception_model(path)
 
 
+@pytest.mark.slow
 def test_a_misshaped_key_is_named(tmp_path):
   arrays = dict(_state_dict())
   arrays["Mixed_7b.branch3x3_2a.conv.weight"] = np.zeros((384, 384, 3, 1), np.float32)
@@ -230,6 +234,7 @@ class _FakeTensor:
     return self._array
 
 
+@pytest.mark.slow
 def test_converter_writes_the_state_dict_as_a_loadable_npz(tmp_path, monkeypatch):
   pth, out = tmp_path / "w.pth", tmp_path / "out" / "w.npz"
   pth.write_bytes(b"")

@@ -102,6 +102,7 @@ def _torch_conv_transpose2d(x, weight, bias):
   return out[:, 1:-1, 1:-1] + bias
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 def test_upconv_is_pytorch_conv_transpose2d_with_the_kernel_flipped_and_its_axes_swapped(
   conv_impl,
@@ -143,6 +144,7 @@ def test_k4s2_layers_compute_in_bfloat16_with_float32_parameters(layer):
   assert module(x).dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_linear_is_nnx_linear_with_the_same_parameters():
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 24))  # any leading axes, as nnx.Linear
   for dtype in (None, jnp.bfloat16):
@@ -189,6 +191,7 @@ _DOWN, _UP, _LINEAR = (
 )
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize(
   ("layer", "in_shape", "dtype"),

@@ -72,6 +72,7 @@ def _discriminate(discriminator, x, train, rngs=None):
   return discriminator(x, train=train, rngs=rngs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resolution", [32, 64])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generator_makes_float32_images_of_the_resolution(name, resolution):
@@ -178,6 +179,7 @@ def test_dropout_changes_discriminator_outputs_only_in_training():
   np.testing.assert_array_equal(_discriminate(discriminator, images, train=False), logits(False, 0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bfloat16_compute_keeps_float32_parameters_and_outputs(name):
   generator32, discriminator32 = _models(name)
@@ -278,6 +280,7 @@ def test_discriminator_state_splits_into_params_and_batch_stats_only(name):
   assert logits(params, batch_stats, _images(4, 32), jax.random.key(0)).shape == (4,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_generator_parameter_receives_a_gradient_under_jit(name):
   """The trainer's gradient step: merge inside the differentiated function, new stats as aux."""

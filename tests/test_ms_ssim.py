@@ -17,6 +17,7 @@ def _smooth_images(seed: int, shape, sigma: float = 3.0) -> np.ndarray:
   return (smooth / np.abs(smooth).max()).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_matches_tensorflow_at_five_scales():
   tf = pytest.importorskip("tensorflow")
   a = _smooth_images(0, (4, 192, 192, 3))
@@ -48,6 +49,7 @@ def test_identical_images_score_one(size):
   np.testing.assert_allclose(ms_ssim(a, a), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [32, 64, 192])
 def test_independent_noise_scores_near_zero(size):
   a, b = jax.random.uniform(jax.random.key(size), (2, 8, size, size, 3), minval=-1, maxval=1)

@@ -29,6 +29,7 @@ def _reference(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
   }
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), num_real=st.integers(5, 40), num_fake=st.integers(5, 40))
 def test_matches_brute_force(seed, num_real, num_fake):
@@ -48,11 +49,13 @@ def _images(key, num, size=32):
   return jax.random.uniform(jax.random.key(key), (num, size, size, 3), minval=-1, maxval=1)
 
 
+@pytest.mark.slow
 def test_identical_sets_score_one():
   images = _images(0, 100)
   assert precision_recall(images, images) == {"precision": 1.0, "recall": 1.0}
 
 
+@pytest.mark.slow
 def test_a_collapsed_generator_is_precise_but_misses_the_data():
   real = _images(1, 200)
   noise = 0.01 * jax.random.normal(jax.random.key(2), (200, 32, 32, 3))

@@ -119,6 +119,7 @@ def test_no_truncation_is_plain_normal():
     np.testing.assert_array_equal(z, jax.random.normal(key, (8, 4)))
 
 
+@pytest.mark.slow
 def test_interpolate_hits_both_endpoints_and_keeps_norms():
   z0, z1 = jax.random.normal(jax.random.key(1), (2, 3, 128))
   path = sampling.interpolate(z0, z1, 8)

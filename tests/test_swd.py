@@ -43,18 +43,21 @@ def _swd(real, fake, key=0):
   return sliced_wasserstein(real, fake, jax.random.key(key), patches_per_image=32)
 
 
+@pytest.mark.slow
 def test_reports_every_level_and_their_mean(halves):
   result = _swd(*halves)
   assert set(result) == {"swd_32px", "swd_16px", "swd_mean"}
   assert result["swd_mean"] == pytest.approx((result["swd_32px"] + result["swd_16px"]) / 2)
 
 
+@pytest.mark.slow
 def test_works_at_64px_with_three_levels():
   images = _smooth_images(jax.random.key(1), 16, 64)
   result = sliced_wasserstein(images[:8], images[8:], jax.random.key(0), patches_per_image=16)
   assert set(result) == {"swd_64px", "swd_32px", "swd_16px", "swd_mean"}
 
 
+@pytest.mark.slow
 def test_two_samples_of_one_distribution_are_close(halves):
   real, fake = halves
   same = _swd(real, fake)["swd_mean"]
@@ -72,6 +75,7 @@ def test_grows_with_a_colour_shift(halves):
   assert values[-1] > 3 * values[0]
 
 
+@pytest.mark.slow
 def test_grows_with_blur(halves):
   real, fake = halves
   values = [_swd(real, _box_blur(fake, radius))["swd_32px"] for radius in (0, 1, 2, 3)]
@@ -83,6 +87,7 @@ def test_is_deterministic_for_a_key(halves):
   assert _swd(*halves, key=3) == _swd(*halves, key=3)
 
 
+@pytest.mark.slow
 def test_pyramid_sums_back_to_the_image():
   images = _smooth_images(jax.random.key(4), 2, 64)
   levels = laplacian_pyramid(images)

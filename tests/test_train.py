@@ -37,6 +37,7 @@ def test_train_state_holds_both_networks_and_starts_at_step_zero(family):
   _assert_trees_equal(state.ema, state.g.params)
 
 
+@pytest.mark.slow
 def test_discriminator_update_lowers_its_loss_on_a_fixed_batch():
   config = tiny_config("dcgan")
   nets, state = state_lib.create_train_state(config)
@@ -68,6 +69,7 @@ def test_train_step_advances_the_step_and_reports_finite_metrics():
   assert float(metrics["g_lr"]) == pytest.approx(config.train.g_lr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["dcgan", "dense"])
 def test_bfloat16_training_keeps_float32_weights_and_losses_and_follows_float32(family):
   batch = _real_batch(tiny_config(family))
@@ -90,6 +92,7 @@ def test_bfloat16_training_keeps_float32_weights_and_losses_and_follows_float32(
     assert float(metrics[name]) == pytest.approx(float(runs["float32"][1][name]), rel=0.05)
 
 
+@pytest.mark.slow
 def test_train_step_is_deterministic_for_a_seed():
   config = tiny_config("dcgan")
   nets, _ = state_lib.create_train_state(config)
@@ -103,6 +106,7 @@ def test_train_step_is_deterministic_for_a_seed():
   _assert_trees_equal(results[0], results[1])
 
 
+@pytest.mark.slow
 def test_d_steps_runs_that_many_discriminator_updates():
   config = tiny_config("dense", train__d_steps=3)
   nets, state = state_lib.create_train_state(config)

@@ -79,6 +79,7 @@ def _assert_same_values_and_gradients(ours, reference, x, kernel, out_shape):
     np.testing.assert_allclose(grad_ours, grad_theirs, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(_shapes)
 @example((0, 1, 1, 1, 1, 1))
