@@ -17,6 +17,8 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from absl import logging
+
 # "unset" is OpenMP's default: the variable absent from the child's environment.
 POLICIES = ("PASSIVE", "unset")
 # Set in a child's environment to the policy it runs under; the parent has none.
@@ -66,6 +68,7 @@ def run_children(command: Sequence[str]) -> dict[str, str]:
   """
   outputs = {}
   for policy in POLICIES:
+    logging.info("The comparison with OMP_WAIT_POLICY %s, in a fresh process", policy)
     result = subprocess.run(
       list(command),
       stdout=subprocess.PIPE,
