@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, run_script, tiny_config
+from conftest import ROOT, plain_leaves, run_script, tiny_config
 
 from configs import dcgan
 from gan import checkpointing, trainer
@@ -56,7 +56,7 @@ def _wait_for_save(directory: str, step: int, child: subprocess.Popen) -> None:
 
 
 def _leaves(state):
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+  return [np.asarray(x) for x in plain_leaves(jax.device_get(state))]
 
 
 @pytest.mark.slow
