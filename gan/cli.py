@@ -1,6 +1,7 @@
 """What every script shares: quiet libraries, GPUs hidden from TensorFlow, one-line user errors."""
 
 import contextlib
+import errno
 import logging as std_logging
 import os
 import sys
@@ -50,6 +51,30 @@ def _one_line(error: Exception) -> str:
   return text
 
 
+# What the machine, not the code, makes a read or write fail with: the user can fix each.
+_MACHINE_ERRNOS = frozenset(
+  {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+    errno.EMFILE,
+  }
+)
+
+
+def _os_error(error: OSError) -> str:
+  """'No space left on device: PATH': the operating system's words, and the file."""
+  where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name)
+  return f"{error.strerror or error}{f': {where}' if where else ''}"
+
+
 def _unraisable(hook):
   """Wraps sys.unraisablehook to drop TensorStore's callbacks into Orbax's closed event loop,
   which follow a failed save that the trainer reports by itself."""
@@ -88,18 +113,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
       flags.FLAGS.config.to_dict()
     return argv
   except Exception as e:  # config files raise anything; all of it is the user's to fix
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    print(f"error: {_unknown_field(e, argv) or _one_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 
+def _unknown_field(error: Exception, argv: list[str]) -> str | None:
+  """'no such config field: model.wobble' for an override of a field the config lacks, which
+  ml_collections reports as a bare 'wobble' (a KeyError, wrapped in an AttributeError)."""
+  if not isinstance(error, KeyError | AttributeError) or "Did you mean" in str(error):
+    return None
+  while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(...))
+    error = error.args[0]
+  name = str(error.args[0]).strip("'\"") if error.args else ""
+  for arg in argv[1:]:
+    flag = arg.split("=", 1)[0].removeprefix("--")
+    if flag.startswith("config.") and name in flag.split(".")[1:]:
+      return f"no such config field: {flag.removeprefix('config.')} (from {arg})"
+  return None
+
+
 def run(main) -> None:
-  """Runs `main(argv)` under absl; a UserError becomes one line on stderr and exit status 2."""
+  """Runs `main(argv)` under absl. A UserError, an OSError the machine caused (a full disk, a
+  read-only or missing folder, no permission) and Ctrl-C outside the trainer's own handling each
+  become one line on stderr and exit status 2."""
 
   def wrapped(argv):
-    import tensorflow as tf  # here, after flag parsing, so --help and flag errors stay fast
-
-    # tf.data runs on the host; the accelerators belong to JAX.
-    tf.config.set_visible_devices([], "GPU")
     sys.unraisablehook = _unraisable(sys.unraisablehook)
     handler = logging.get_absl_handler()
     handler.addFilter(_Quieter(std_logging.WARNING, "jax"))
@@ -108,10 +146,21 @@ def run(main) -> None:
     handler.addFilter(_Quieter(std_logging.CRITICAL, "orbax"))
     handler.addFilter(_Orphans())
     try:
+      import tensorflow as tf  # here, after flag parsing, so --help and flag errors stay fast
+
+      # tf.data runs on the host; the accelerators belong to JAX.
+      tf.config.set_visible_devices([], "GPU")
       return main(argv)
     except UserError as e:
-      logging.flush()
-      _last_word(f"error: {e}")
-      sys.exit(2)
+      message = str(e)
+    except OSError as e:
+      if e.errno not in _MACHINE_ERRNOS:
+        raise
+      message = _os_error(e)
+    except KeyboardInterrupt:
+      message = "interrupted; what was saved before stays as it was"
+    logging.flush()
+    _last_word(f"error: {message}")
+    sys.exit(2)
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -144,12 +144,22 @@ def _check_data(config) -> None:
   _integer(config, "data.min_image_size", 1)
 
 
+# The sections every recipe has (configs/default.py, and a model section of its own).
+_SECTIONS = ("data", "model", "train", "checkpoint", "eval", "collapse", "mesh")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field a run reads; returns the config to run and record.
 
   Raises:
     UserError: naming the first field that cannot work, and why.
   """
+  for section in _SECTIONS:
+    if not isinstance(config.get(section), ml_collections.ConfigDict):
+      raise UserError(
+        f"the config has no {section} section: use a recipe such as configs/dcgan.py or "
+        "configs/dense.py (configs/default.py only holds what they share)"
+      )
   _check_data(config)
   _check_model(config)
   _check_train(config)

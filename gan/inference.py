@@ -18,6 +18,9 @@ from gan import step as step_lib
 from gan.errors import UserError
 from gan.state import Networks, TrainState, create_train_state
 
+# The sections every run's config.json holds (see configs/default.py).
+_SECTIONS = ("data", "model", "train", "checkpoint", "eval", "collapse")
+
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run recorded in WORKDIR/config.json.
@@ -30,9 +33,18 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"no training run in {workdir}: {path} does not exist")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      recorded = json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read {path}: {e}") from None
+  if not isinstance(recorded, dict):
+    recorded = {}
+  missing = [s for s in _SECTIONS if not isinstance(recorded.get(s), dict)]
+  if missing:
+    raise UserError(
+      f"{path} is not a training run's config (it has no section {', '.join(missing)}): "
+      "put the run's own config.json back, or use another workdir"
+    )
+  return ml_collections.ConfigDict(recorded)
 
 
 def _runnable_here(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -143,7 +143,11 @@ def train_and_evaluate(
   with _StopRequest() as stop, contextlib.ExitStack() as cleanup:
     run = _set_up(config, workdir, timings or monitoring.Timings(), cleanup)
     cleanup.enter_context(_closing_on_error(run))
-    logging.info("Training from step %d to %d in %s", run.step, num_steps, workdir)
+    if stop.agreed(logged=True):  # during start-up: nothing was trained, nothing needs saving
+      logging.warning("Stopped by %s during start-up, before step %d", stop.name, run.step + 1)
+      num_steps = run.step
+    else:
+      logging.info("Training from step %d to %d in %s", run.step, num_steps, workdir)
     while run.step < num_steps:
       run.advance()
       _note_first_step(run, started)
@@ -304,6 +308,8 @@ def _set_up(
 ) -> _Run:
   """Everything the loop needs, from the validated config and the workdir's checkpoints;
   `cleanup` ends what must end with the run (the log file)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file, not a folder: choose another --workdir")
   mesh = parallel.create_mesh(config.mesh.data_axis_size)
   parallel.check_batch_size(config.train.batch_size, mesh)
   # The data source is opened before anything is written, so a bad path leaves no debris.
@@ -332,6 +338,7 @@ def _set_up(
     state = _apply_changed_settings(state, changed)
   if parallel.is_main_process():
     _write_config(workdir, config)  # only now: the checkpoint fits this config
+    _write_skip_list(workdir, source.skipped_files)
   run = _Run(
     config=config,
     workdir=workdir,
@@ -455,6 +462,7 @@ def _compile_ahead(step_fn, state: TrainState, config, batch_sharding) -> concur
     state_lib.abstract(state),
     jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=key.sharding),
   )
+  logging.info("Compiling the train step while the data loads (the first start takes longest)")
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
   future = pool.submit(lambda: step_fn.lower(specs[0], batch, specs[1]).compile())
   pool.shutdown(wait=False)  # the compile runs on; the thread ends with it
@@ -511,14 +519,28 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     f.write("\n")
 
 
+SKIPPED_FILES = "skipped_files.tsv"
+
+
+def _write_skip_list(workdir: str, skipped: tuple[tuple[str, str], ...]) -> None:
+  """Names the data files the source skipped, one `reason<TAB>path` line each, in
+  WORKDIR/skipped_files.tsv (the log has the summary by reason)."""
+  path = os.path.join(workdir, SKIPPED_FILES)
+  if not skipped:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)  # from an earlier run over other data
+    return
+  with open(path, "w") as f:
+    f.writelines(f"{reason}\t{file}\n" for file, reason in skipped)
+  logging.info("The %d skipped data files are listed in %s", len(skipped), path)
+
+
 def _changed_settings(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """The `_RESUMABLE` train settings that `config` changes from the run's config.json:
   name -> (saved, new). Empty for a new run or an unchanged config."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(workdir, "config.json")):
     return {}
-  with open(path) as f:
-    saved = json.load(f).get("train", {})
+  saved = inference.read_config(workdir).train
   changed = {}
   for name in _RESUMABLE:
     old, new = saved.get(name), float(config.train[name])

@@ -119,13 +119,17 @@ def test_restore_step_that_was_never_saved_is_one_clear_error(workdir):
     ("--config.train.batchsize=3", "batchsize"),
     ("--config.train.batch_size=-1", "train.batch_size must be positive"),
     ("--config.data.source=imagenet", "imagenet"),
+    ("--config.model.wobble=3", "model.wobble"),
+    ("--config.model=3", "model"),
+    ("--config=configs/default.py", "no model section"),
   ],
 )
 def test_user_mistakes_are_one_line_without_a_traceback(flag, message, workdir):
   result = run_script("train.py", "--config=configs/dense.py:smoke", f"--workdir={workdir}", flag)
-  assert result.returncode != 0
-  assert message in result.stderr
+  assert result.returncode == 2, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
+  (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert message in line and line == result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -416,6 +416,25 @@ def test_a_folder_with_every_kind_of_bad_file_trains_on_the_good_ones(tmp_path, 
   assert len(summaries) == 1  # logged once, though the folder was indexed three times
   total = num_good + len(SKIPPED)
   assert f"skipped 6 of {total} files in {tmp_path}: 2 truncated, 2 too small" in summaries[0]
+  assert sorted(index.skipped_files) == sorted(
+    (str(tmp_path / "bad" / f"{i}.jpg"), reason) for i, (_, reason) in enumerate(SKIPPED.values())
+  )
+
+
+def test_links_are_followed_once_and_a_loop_counts_nothing_twice(tmp_path):
+  write_good_images(tmp_path / "faces", count=3)
+  (tmp_path / "faces" / "again").symlink_to(tmp_path)  # loops back to the top
+  (tmp_path / "linked").symlink_to(tmp_path / "faces")  # the same folder by another path
+  (tmp_path / "one.png").symlink_to(tmp_path / "faces" / "set0" / "00.png")
+  outside = tmp_path.parent / f"{tmp_path.name}_outside"
+  write_good_images(outside, count=2)
+  (tmp_path / "more").symlink_to(outside)  # a link out of the folder is followed
+
+  paths = image_folder.find_images(str(tmp_path))
+
+  assert len(paths) == 5
+  assert len({os.path.realpath(p) for p in paths}) == 5
+  assert pipeline.num_examples(data_config(source="image_folder", path=str(tmp_path))) == 5
 
 
 def break_after_indexing(path):

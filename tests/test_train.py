@@ -204,3 +204,25 @@ def test_a_changed_learning_rate_keeps_a_rollbacks_reduction():
     [float(r) for r in state_lib.learning_rates(changed)], [g_lr / 2, 3 * d_lr / 2], rtol=1e-6
   )
   assert trainer._apply_changed_settings(rolled_back, {}) is rolled_back
+
+
+@pytest.mark.slow
+def test_the_files_a_run_skips_are_named_in_the_workdir(tmp_path, workdir):
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for i in range(8):
+    pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+  (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+  (tmp_path / "cut.png").write_bytes((tmp_path / "0.png").read_bytes()[:-300])
+  config = tiny_config(
+    "dense", data__source="image_folder", data__path=str(tmp_path), train__num_steps=2
+  )
+  trainer.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, trainer.SKIPPED_FILES)) as f:
+    lines = sorted(line.rstrip("\n").split("\t") for line in f)
+  assert lines == [
+    ["not an image", str(tmp_path / "broken.jpg")],
+    ["truncated", str(tmp_path / "cut.png")],
+  ]

@@ -1,9 +1,11 @@
 """Folders of images: find them, check each once, decode them to RGB squares.
 
 Any folder of JPEG, PNG, GIF, BMP or WebP files, searched recursively and taken in sorted path
-order so that an index (and the batches drawn from it) is the same on every run. One indexing
-pass decodes every file with PIL and keeps the good ones; what it skips (truncated, not an image,
-smaller than `min_image_size`, ...) is counted by reason and logged once. Everything that can
+order so that an index (and the batches drawn from it) is the same on every run. Symbolic links
+are followed, each folder and each file at most once, so a link that loops back counts nothing
+twice. One indexing pass decodes every file with PIL and keeps the good ones; what it skips
+(truncated, not an image, smaller than `min_image_size`, ...) is counted by reason and logged
+once, and the index names each skipped file. Everything that can
 be converted is: grayscale, RGBA, palette, CMYK and 16-bit images all come out as 8-bit RGB, and
 huge JPEGs are decoded at a reduced scale (PIL's draft mode) so memory stays bounded.
 
@@ -39,10 +41,12 @@ class Index:
   Attributes:
     paths: the readable images, sorted.
     skipped: number of skipped files by reason ('truncated', 'not an image', ...).
+    skipped_files: (path, reason) of each skipped file, in path order.
   """
 
   paths: tuple[str, ...]
   skipped: collections.Counter
+  skipped_files: tuple[tuple[str, str], ...] = ()
 
   @property
   def num_files(self) -> int:
@@ -50,15 +54,38 @@ class Index:
 
 
 def find_images(root: str) -> list[str]:
-  """Paths of the files under `root` (recursively) with an image extension, sorted."""
-  found = []
-  for directory, _, names in os.walk(root, followlinks=True):
-    found.extend(
-      os.path.join(directory, name)
-      for name in names
-      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-    )
+  """Paths of the files under `root` (recursively) with an image extension, sorted.
+
+  Links are followed, but a folder or file reached a second time (through a link, or a link
+  that loops back to a folder above it) is not searched or listed again: the first path to it
+  in sorted order stands for it.
+  """
+  seen_folders, seen_files, found = set(), set(), []
+  for directory, folders, names in os.walk(root, followlinks=True):
+    folders.sort()
+    identity = _identity(directory)
+    if identity in seen_folders:
+      folders.clear()
+      continue
+    seen_folders.add(identity)
+    for name in sorted(names):
+      path = os.path.join(directory, name)
+      if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+        continue
+      identity = _identity(path)
+      if identity not in seen_files:
+        seen_files.add(identity)
+        found.append(path)
   return sorted(found)
+
+
+def _identity(path: str) -> tuple[int, int] | str:
+  """What a path names, whichever links lead there: its (device, inode), else its real path."""
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return os.path.realpath(path)
+  return (stat.st_dev, stat.st_ino)
 
 
 def load_rgb(data: bytes, *, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
@@ -185,7 +212,8 @@ def index_folder(path: str, min_image_size: int) -> Index:
   with futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
     reasons = list(pool.map(check, paths))
   good = tuple(p for p, reason in zip(paths, reasons, strict=True) if reason is None)
-  skipped = collections.Counter(reason for reason in reasons if reason is not None)
+  skipped_files = tuple((p, r) for p, r in zip(paths, reasons, strict=True) if r is not None)
+  skipped = collections.Counter(reason for _, reason in skipped_files)
   if skipped:
     message = skip_summary(skipped, len(paths), path)
     with _lock:
@@ -198,4 +226,4 @@ def index_folder(path: str, min_image_size: int) -> Index:
       f"no readable images under {path} ({skip_summary(skipped, len(paths), path)}): "
       "put valid JPEG/PNG images there"
     )
-  return Index(paths=good, skipped=skipped)
+  return Index(paths=good, skipped=skipped, skipped_files=skipped_files)

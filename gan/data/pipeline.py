@@ -54,12 +54,17 @@ def create_dataset(
 
 class Source:
   """A data source opened once (files indexed and checked), with the cache of what it decoded:
-  every pipeline made from it (after a rollback, for evaluation) decodes nothing twice."""
+  every pipeline made from it (after a rollback, for evaluation) decodes nothing twice.
+
+  Attributes:
+    size: the examples of one epoch.
+    skipped_files: (path, reason) of each file the source skipped (image_folder only).
+  """
 
   def __init__(self, data_config):
     """Raises UserError for a bad data config or missing or unreadable data."""
     self.config = data_config
-    load, self.size = _source(data_config)
+    load, self.size, self.skipped_files = _source(data_config)
     self._load = _Cache(load, self.size).load if data_config.cache else load
 
   def batches(
@@ -200,8 +205,9 @@ class _Cache:
     return self._images[positions], self._labels[positions], self._stored[positions]
 
 
-def _source(data_config) -> tuple[Loader, int]:
-  """The source's loader by position and its size (after skipping bad files)."""
+def _source(data_config) -> tuple[Loader, int, tuple[tuple[str, str], ...]]:
+  """The source's loader by position, its size (after skipping bad files) and the files it
+  skipped, as (path, reason)."""
   source = data_config.source
   resolution = int(data_config.resolution)
   if resolution < 1:
@@ -215,10 +221,10 @@ def _source(data_config) -> tuple[Loader, int]:
       images, labels = synthetic_faces.render_indices(positions, resolution, seed)
       return images, labels, np.ones(len(positions), bool)
 
-    return render, num
+    return render, num, ()
   if source == "image_folder":
     index = image_folder.index_folder(data_config.path, int(data_config.min_image_size))
-    return _file_loader(index.paths, None, resolution), len(index.paths)
+    return _file_loader(index.paths, None, resolution), len(index.paths), index.skipped_files
   if source == "anime_faces":
     # Imported here: TFDS takes seconds to import and only this source needs it.
     from gan.data import anime_faces
@@ -226,7 +232,7 @@ def _source(data_config) -> tuple[Loader, int]:
     builder = anime_faces.prepare(data_config.path, data_config.tfds_data_dir)
     min_image_size = int(data_config.min_image_size)
     names, contents = anime_faces.stored_images(builder, min_image_size)
-    return _file_loader(names, contents, resolution), len(names)
+    return _file_loader(names, contents, resolution), len(names), ()
   raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
 
 
