@@ -37,12 +37,15 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Everything (what CI runs), and the unit tests alone for everyday work.
+# Everything (what CI runs), and the unit tests alone for everyday work; one pytest worker per
+# core (pytest-xdist), each test file on one worker so that its shared runs are made once.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

@@ -64,10 +64,25 @@ def workdir(tmp_path):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """Shares compiled XLA programs between tests: many runs compile the same tiny networks."""
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  """Shares compiled XLA programs between tests, and with the scripts and child processes they
+  start (through the environment): many runs compile the same tiny networks."""
+  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  settings = {
+    "JAX_COMPILATION_CACHE_DIR": cache,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+  before = {name: os.environ.get(name) for name in settings}
+  os.environ.update(settings)
+  yield
+  for name, value in before.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
 
 
 @pytest.fixture(scope="session", autouse=True)
