@@ -92,6 +92,15 @@ def test_the_unpacked_folder_gives_the_same_dataset_as_the_zip(prepared, kaggle_
   assert stored(from_folder) == stored(builder)
 
 
+@pytest.mark.parametrize("form", ["the zip itself", "the images folder itself"])
+def test_data_path_may_name_the_zip_or_the_images_folder(prepared, kaggle_zip, kaggle_folder, form):
+  builder, _ = prepared
+  path = kaggle_zip / "archive.zip" if form == "the zip itself" else kaggle_folder / "images"
+  data_dir = str(kaggle_zip.parent / f"tfds_{form.replace(' ', '_')}")
+  assert stored(anime_faces.prepare(str(path), data_dir)) == stored(builder)
+  assert pipeline.num_examples(data_config(path, data_dir)) == NUM_GOOD + 1
+
+
 def test_rgb_jpegs_are_stored_as_their_original_bytes(prepared):
   builder, _ = prepared
   files = kaggle_files()
@@ -125,11 +134,15 @@ def test_a_prepared_dataset_no_longer_needs_the_download(prepared):
 
 
 @pytest.mark.parametrize(
-  "contents", ["nothing", "unrelated zip", "broken zip", "empty images folder"]
+  "contents",
+  ["nothing", "unrelated zip", "broken zip", "empty images folder", "a file", "no such path"],
 )
 def test_missing_files_say_where_to_download_and_put_them(tmp_path, contents):
   manual_dir = tmp_path / "manual"
-  manual_dir.mkdir()
+  if contents == "a file":
+    manual_dir.write_bytes(jpeg(face(0)))
+  elif contents != "no such path":
+    manual_dir.mkdir()
   if contents == "unrelated zip":
     with zipfile.ZipFile(manual_dir / "archive.zip", "w") as zf:
       zf.writestr("photos/cat.jpg", jpeg(face(0)))
@@ -144,7 +157,7 @@ def test_missing_files_say_where_to_download_and_put_them(tmp_path, contents):
   assert "\n" not in message
   assert f"data.path {manual_dir}" in message
   assert "splcher/animefacedataset" in message and anime_faces.KAGGLE_URL in message
-  assert "archive.zip" in message and "images/" in message
+  assert "archive.zip" in message and "a folder holding it" in message and "images/" in message
 
 
 def test_an_empty_path_says_to_set_it(tmp_path):

@@ -1,9 +1,9 @@
 """The Kaggle "animefacedataset" as a TFDS dataset, prepared from the user's download.
 
 63,565 JPEG face crops of about 90-120 px (splcher, scraped from getchu.com), laid out as
-`images/<id>_<year>.jpg`. The builder reads them from the TFDS manual dir (`data.path`): either
-the downloaded `archive.zip` (any *.zip there holding `images/...`) or its unpacked `images/`
-folder. Preparing checks every file once, skips and counts the bad ones, and writes TFRecords
+`images/<id>_<year>.jpg`. The builder reads them from `data.path`, which is one of three: the
+downloaded `archive.zip` itself, a folder holding it (any *.zip there holding `images/...`) or
+its unpacked `images/` folder (itself, or a folder holding it). Preparing checks every file once, skips and counts the bad ones, and writes TFRecords
 into `data.tfds_data_dir`; after that the download is no longer needed.
 
 Stored images: the original JPEG bytes whenever the file is already an RGB or grayscale JPEG
@@ -68,8 +68,11 @@ class AnimeFaces(tfds.core.GeneratorBasedBuilder):
       metadata=tfds.core.MetadataDict(),
     )
 
+  # What data.path named, when it is not the manual dir itself (a zip, an images/ folder).
+  source_path: str | None = None
+
   def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(str(dl_manager.manual_dir))}
+    return {"train": self._generate_examples(self.source_path or str(dl_manager.manual_dir))}
 
   def _generate_examples(self, manual_dir):
     start = time.time()
@@ -135,14 +138,16 @@ class _Files:
 
 
 def find_files(manual_dir: str) -> _Files:
-  """The images in the manual dir: its images/ folder, else the first zip holding images/.
+  """The images `data.path` names: the images/ folder itself, else an images/ folder in it,
+  else the zip it names, else the first zip in it holding images/.
 
   Raises:
-    UserError: if neither is there.
+    UserError: if none of these is there.
   """
-  folder = os.path.join(manual_dir, _IMAGES_DIR)
-  if os.path.isdir(folder) and (paths := image_folder.find_images(folder)):
-    return _Files([os.path.relpath(path, folder) for path in paths], paths)
+  for folder in (manual_dir, os.path.join(manual_dir, _IMAGES_DIR)):
+    is_images = os.path.basename(os.path.normpath(folder)) == _IMAGES_DIR
+    if is_images and os.path.isdir(folder) and (paths := image_folder.find_images(folder)):
+      return _Files([os.path.relpath(path, folder) for path in paths], paths)
   for archive in _zips(manual_dir):
     try:
       with zipfile.ZipFile(archive) as zf:
@@ -176,9 +181,9 @@ def _zips(manual_dir: str) -> list[str]:
 def _missing_files_error(manual_dir: str) -> UserError:
   where = f"data.path {manual_dir}" if manual_dir else "data.path (now empty)"
   return UserError(
-    f"anime_faces files not found in {where}: download archive.zip of the Kaggle dataset "
-    f'"splcher/animefacedataset" from {KAGGLE_URL} and put it (or its unpacked images/ folder) '
-    "into that folder, set with --config.data.path=DIR"
+    f"anime_faces files not found in {where}: it must be the Kaggle dataset's archive.zip "
+    f'("splcher/animefacedataset", {KAGGLE_URL}), a folder holding it, or its unpacked images/ '
+    "folder; set it with --config.data.path"
   )
 
 
@@ -186,7 +191,8 @@ def prepare(manual_dir: str, data_dir: str) -> AnimeFaces:
   """The prepared builder, preparing it from the manual dir first if needed.
 
   Args:
-    manual_dir: where archive.zip or images/ lies (data.path); unused once prepared.
+    manual_dir: data.path: archive.zip, a folder holding it, or the images/ folder; unused
+      once prepared.
     data_dir: where TFDS keeps prepared datasets (data.tfds_data_dir); '' is TFDS's default.
 
   Raises:
@@ -200,8 +206,14 @@ def prepare(manual_dir: str, data_dir: str) -> AnimeFaces:
   find_files(manual_dir)  # fails early, in words, if the files are not there
   start = time.time()
   logging.info("anime_faces: preparing from %s into %s", manual_dir, builder.data_dir)
+  # TFDS wants a folder as the manual dir: a zip's own folder stands in, and the builder reads
+  # what data.path names.
+  builder.source_path = manual_dir
+  folder = manual_dir if os.path.isdir(manual_dir) else os.path.dirname(manual_dir)
   builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=os.path.abspath(folder), try_download_gcs=False
+    )
   )
   logging.info(
     "anime_faces: prepared %d images in %.1f s",
