@@ -67,6 +67,10 @@ def get_config(arg=None):
   collapse.max_ms_ssim_gap = 0.2  # samples' mean MS-SSIM above the real images' by more than this
   collapse.max_duplicate_rate = 0.25  # more than this fraction of samples are near duplicates
   collapse.min_mode_coverage = 0.5  # synthetic_faces: fewer modes than this x the real images'
+  # NDB (any dataset): more than this share of the real images' layout bins hold significantly
+  # more or fewer samples than real images (see docs/collapse.md for how it was set)
+  collapse.max_ndb_fraction = 0.5
+  collapse.ndb_bins = 16  # k-means bins of the real images' 8x8 layouts behind NDB
   collapse.patience = 2  # suspect evaluations in a row that make a collapse
   collapse.max_rollbacks = 5  # stop with an error after this many rollbacks in one run
   collapse.lr_factor = 1.0  # multiply both learning rates by this at each rollback

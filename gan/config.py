@@ -130,7 +130,12 @@ def _check_collapse(config) -> None:
   _number(config, "collapse.lr_factor", 0, 1, open_low=True, open_high=False)
   for bound in ("collapse.max_ms_ssim_gap", "collapse.duplicate_distance"):
     _number(config, bound, 0, math.inf)
-  for rate in ("collapse.max_duplicate_rate", "collapse.min_mode_coverage"):
+  _integer(config, "collapse.ndb_bins", 2)
+  for rate in (
+    "collapse.max_duplicate_rate",
+    "collapse.min_mode_coverage",
+    "collapse.max_ndb_fraction",
+  ):
     _number(config, rate, 0, 1, open_high=False)
   if config.collapse.rollback_b1 is not None:
     _number(config, "collapse.rollback_b1", 0, 1)

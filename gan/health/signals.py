@@ -5,10 +5,13 @@ fixed noise batch, so evaluations compare like with like) and measures:
 
 - `ms_ssim`: mean MS-SSIM between random pairs of samples; collapse drives it towards 1.
 - `duplicate_rate`: the fraction of samples with a near-identical neighbour among the others.
+- `ndb_fraction`: NDB / K (gan/metrics/ndb.py), the share of K k-means bins of the real images'
+  layouts whose share of samples differs significantly from the real images' share: label-free
+  coverage, for any dataset.
 - on synthetic_faces, `modes_covered` of the 1,000 and `kl_uniform`, the KL divergence of the
   sample's mode histogram from uniform, read by the project's own mode classifier.
 
-Each comes with the real images' value as `<signal>_real`.
+Each but `ndb_fraction` and `kl_uniform` comes with the real images' value as `<signal>_real`.
 """
 
 import functools
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gan import parallel
-from gan.metrics import diversity, mode_classifier
+from gan.metrics import diversity, mode_classifier, ndb
 
 
 class HealthProbe:
@@ -49,11 +52,13 @@ class HealthProbe:
     classifier = None
     if self._config.data.source == "synthetic_faces":
       classifier = mode_classifier.load_classifier()
+    bins = ndb.NDB(self._real_images, collapse_config.ndb_bins, seed=self._config.train.seed)
 
     def signals(images):
       out = {
         "ms_ssim": diversity.mean_pairwise_ms_ssim(images, self._key, collapse_config.num_pairs),
         "duplicate_rate": diversity.near_duplicate_rate(images, collapse_config.duplicate_distance),
+        "ndb_fraction": bins.fraction(images),
       }
       if classifier is not None:
         hist = mode_classifier.mode_histogram(mode_classifier.predict_modes(classifier, images))
@@ -72,7 +77,9 @@ class HealthProbe:
   def reference(self) -> dict[str, float]:
     """The real images' signals, named `<signal>_real`."""
     real = jax.device_get(jax.jit(self._signals)(jnp.asarray(self._real_images)))
-    return {f"{k}_real": float(v) for k, v in real.items() if k != "kl_uniform"}
+    return {
+      f"{k}_real": float(v) for k, v in real.items() if k not in ("kl_uniform", "ndb_fraction")
+    }
 
   def __call__(self, g_params, g_batch_stats) -> dict[str, float]:
     """The generator's signals beside the real reference, as host floats."""

@@ -62,6 +62,11 @@ def judge(signals: Mapping[str, float], config, streak: int, step: int) -> Judge
     )
   if signals["duplicate_rate"] > config.max_duplicate_rate:
     reasons.append(f"{signals['duplicate_rate']:.0%} of samples are near duplicates")
+  if signals.get("ndb_fraction", 0) > config.max_ndb_fraction:
+    reasons.append(
+      f"{signals['ndb_fraction']:.0%} of the real images' {config.ndb_bins} layout bins hold "
+      "significantly more or fewer samples than real images"
+    )
   if "modes_covered" in signals:
     floor = config.min_mode_coverage * signals["modes_covered_real"]
     if signals["modes_covered"] < floor:
