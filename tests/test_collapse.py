@@ -119,7 +119,11 @@ def _rollbacks(workdir):
 def _judge_only_non_finite(config):
   """Thresholds so loose that only non-finite values are out of bounds, from step 0."""
   config.collapse.update(
-    warmup_steps=0, max_ms_ssim_gap=1.0, max_duplicate_rate=1.0, min_mode_coverage=0.0
+    warmup_steps=0,
+    max_ms_ssim_gap=1.0,
+    max_duplicate_rate=1.0,
+    min_mode_coverage=0.0,
+    max_ndb_fraction=1.0,
   )
   return config
 

@@ -166,6 +166,7 @@ _JUDGE_ONLY_NON_FINITE = [
   "--config.collapse.max_ms_ssim_gap=1.0",
   "--config.collapse.max_duplicate_rate=1.0",
   "--config.collapse.min_mode_coverage=0.0",
+  "--config.collapse.max_ndb_fraction=1.0",
 ]
 
 
