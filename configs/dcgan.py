@@ -6,7 +6,8 @@
 trains the real recipe on the Kaggle anime faces at 64 px. The arguments after a colon:
   smoke      a run of under a minute on a 2-core CPU on synthetic_faces at 32 px that still
              saves checkpoints, writes sample grids and logs to TensorBoard;
-  synthetic  the full-length run on the built-in synthetic_faces (what `make train` runs).
+  synthetic  the full-length run on the built-in synthetic_faces (what `make train` runs);
+  cpu        the real faces (data.path) at 64 px, batch 64, 3,000 steps: about an hour on 2 cores.
 README.md says what to expect from each; docs/performance.md how long each takes.
 """
 

@@ -1,0 +1,30 @@
+"""Every recipe and each of its variants is a config the trainer accepts."""
+
+import pytest
+
+from configs import collapse_demo, dcgan, default, dense
+from gan import config as config_lib
+
+
+@pytest.mark.parametrize("arg", [None, *default.ARGS])
+@pytest.mark.parametrize("recipe", [dcgan, dense], ids=["dcgan", "dense"])
+def test_each_variant_of_each_recipe_validates(recipe, arg):
+  config = config_lib.validate(recipe.get_config(arg))
+  assert config.model.conv_impl in ("xla", "onednn")  # `auto` resolved, as config.json records
+
+
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_the_collapse_demo_validates(arg):
+  config_lib.validate(collapse_demo.get_config(arg))
+
+
+def test_the_cpu_variants_train_on_the_real_faces():
+  for recipe in (dcgan, dense):
+    config = recipe.get_config("cpu")
+    assert config.data.source == "anime_faces" and config.data.resolution == 64
+    assert config.collapse.warmup_steps < config.train.num_steps  # the run's end is judged
+
+
+def test_an_unknown_variant_names_the_known_ones():
+  with pytest.raises(ValueError, match="smoke, synthetic, cpu"):
+    dcgan.get_config("gpu")
