@@ -208,7 +208,7 @@ def _log_scalars(run: _Run) -> bool:
   scalars["images_per_second"] = run.timings.images_per_second(
     run.step, run.config.train.batch_size
   )
-  run.writer.write_scalars(run.step, {f"train/{k}": v for k, v in scalars.items()})
+  run.writer.write_scalars(run.step, {f"{monitoring.TRAIN}/{k}": v for k, v in scalars.items()})
   monitoring.log_losses(run.step, run.config.train.num_steps, scalars)
   run.scalars = scalars
   return nonfinite
@@ -267,8 +267,14 @@ def _roll_back(run: _Run, judgement: verdict.Judgement) -> None:
   run.rollbacks += 1
   if parallel.is_main_process():
     rollback.record(run.workdir, event)
-  run.writer.write_texts(run.step, {"collapse/rollback": json.dumps(event)})
   run.writer.write_scalars(run.step, {"collapse/rollbacks": run.rollbacks})
+  run.writer = monitoring.next_attempt(  # the abandoned steps stay in a TensorBoard run of their own
+    run.writer,
+    run.workdir,
+    (run.step, event["to_step"]),
+    run.config.to_dict(),
+    monitoring.rollback_markdown(event),
+  )
   logging.warning(
     "Rolled back from step %d to step %d (rollback %d of at most %d): %s",
     event["from_step"],
@@ -347,7 +353,7 @@ def _set_up(
     make_initial=lambda: state_lib.create_train_state(config, mesh)[1],
     abstract=abstract,
     ckpt=ckpt,
-    writer=monitoring.create_writer(workdir),
+    writer=monitoring.create_writer(workdir, step, config.to_dict()),
     timings=timings,
     batch_sharding=batch_sharding,
     source=source,
@@ -356,8 +362,6 @@ def _set_up(
     streak=int((ckpt.metrics(step) or {}).get("health/streak", 0)) if step else 0,
     rollbacks=rollback.count(workdir),
   )
-  if step == 0:
-    run.writer.write_hparams(monitoring.flatten_config(config.to_dict()))
   _set_up_evaluation(run)
   compiling.result()
   timings.start(step)

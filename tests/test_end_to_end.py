@@ -52,14 +52,14 @@ def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
 
   events = _events(workdir)
   for tag in [
-    "train/d_loss",
-    "train/g_loss",
-    "train/d_real",
-    "train/d_fake",
-    "train/g_grad_norm",
-    "train/d_param_norm",
-    "train/g_lr",
-    "train/images_per_second",
+    "1_train/d_loss",
+    "1_train/g_loss",
+    "1_train/d_real",
+    "1_train/d_fake",
+    "1_train/g_grad_norm",
+    "1_train/d_param_norm",
+    "1_train/g_lr",
+    "1_train/images_per_second",
     "eval/swd_mean",
     "eval/precision",
     "health/ms_ssim",
@@ -69,6 +69,7 @@ def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
     assert events[tag][-1].step == num_steps, tag
     value = float(np.asarray(tensor_util.make_ndarray(events[tag][-1].tensor_proto)))
     assert np.isfinite(value), tag
+  assert [e.step for e in events["config"]] == [0]  # the Text tab's config, once
   grid_events = events["samples"]
   assert grid_events[-1].step == num_steps
   encoded = tensor_util.make_ndarray(grid_events[-1].tensor_proto)
