@@ -51,11 +51,13 @@ def get_config(arg=None):
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every = 1000  # steps between sample grids (TensorBoard and samples/*.png)
   evaluation.grid_size = 64  # samples in the grid, drawn from one fixed noise batch
-  # Quality metrics every eval.every steps: swd, precision_recall (no weights needed) and fid,
-  # kid (need the Inception weights file; see README.md). '' or () turns them off.
-  evaluation.metrics = ("swd", "precision_recall")
+  # Quality metrics every eval.every steps: swd (no weights needed), and fid, kid,
+  # precision_recall, density_coverage (Inception-v3 at 299 px on every image, with pytorch-fid's
+  # weights, downloaded on first use; see README.md). () turns them off.
+  evaluation.metrics = ("swd",)
   evaluation.num_samples = 1000  # generated (and real) images the quality metrics compare
-  evaluation.inception_weights = ""  # the Inception .npz; '' is $GAN_INCEPTION_WEIGHTS or ~/.cache
+  # pytorch-fid's Inception .pth; '' is $GAN_INCEPTION_WEIGHTS, else ~/.cache/gan (downloaded).
+  evaluation.inception_weights = ""
 
   config.collapse = collapse = ml_collections.ConfigDict()
   collapse.rollback = True  # on a collapsed verdict, go back to the last healthy checkpoint

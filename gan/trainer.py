@@ -36,7 +36,7 @@ from gan import step as step_lib
 from gan.data import pipeline
 from gan.errors import UserError
 from gan.health import signals, verdict
-from gan.metrics import fid, quality
+from gan.metrics import quality
 from gan.state import Networks, TrainState
 
 # Adam settings a resumed run takes from a changed config: they live in the optimiser states,
@@ -397,12 +397,7 @@ def _set_up_evaluation(run: _Run) -> None:
       config.eval.metrics,
       real_images[: config.eval.num_samples],
       key=eval_key,
-      reference=fid.reference_key(
-        config.data.source,
-        config.data.resolution,
-        config.eval.num_samples,
-        extra=f"seed{config.train.seed}",
-      ),
+      reference=quality.reference_key(config.data, config.eval.num_samples),
       inception_weights=config.eval.inception_weights,
     )
 

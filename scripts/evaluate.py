@@ -1,11 +1,12 @@
 """Scores a trained run's samples against real images and prints the metrics as JSON.
 
-    python scripts/evaluate.py --workdir=runs/dcgan [--step=N] [--metrics=swd,precision_recall,fid,kid]
+    python scripts/evaluate.py --workdir=runs/dcgan [--step=N] [--metrics=swd,fid,kid]
 
 Generates --num_samples images from the EMA generator of the chosen checkpoint (the latest by
-default) and compares them with as many training images. FID and KID need the Inception weights
-(see README); without them the weight-free metrics still run and a warning says what is missing,
-unless FID or KID were asked for by name, which makes their absence an error.
+default) and compares them with as many training images. All metrics but swd need pytorch-fid's
+Inception weights, downloaded into ~/.cache/gan on first use (see README). When they cannot be
+had, metrics asked for with --metrics are an error of one line; metrics taken from the run's
+eval.metrics are skipped with a warning.
 """
 
 import json
@@ -32,10 +33,10 @@ def main(argv):
 
   from gan import inference
   from gan.data import pipeline
-  from gan.metrics import fid, quality
+  from gan.metrics import quality
 
   config, nets, state = inference.load_run(_WORKDIR.value, _STEP.value)
-  metrics = _METRICS.value or list(config.eval.metrics) or ["swd", "precision_recall"]
+  metrics = _METRICS.value or list(config.eval.metrics) or ["swd"]
   num = _NUM_SAMPLES.value or config.eval.num_samples
   batches = pipeline.create_dataset(config.data, batch_size=num, seed=config.train.seed)
   real = next(batches)["image"]
@@ -44,7 +45,7 @@ def main(argv):
     metrics,
     real,
     key=key,
-    reference=fid.reference_key(config.data.source, config.data.resolution, num, extra="eval"),
+    reference=quality.reference_key(config.data, num),
     inception_weights=config.eval.inception_weights,
     require_inception=_METRICS.value is not None,
   )

@@ -1,4 +1,4 @@
-"""FID and KID against direct computations, and the cache of reference statistics."""
+"""FID and KID against direct computations, and the cache of reference features."""
 
 import os
 
@@ -115,13 +115,15 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_shifted_ones():
 
 
 def test_reference_key_is_a_safe_file_name():
-  key = fid.reference_key("image_folder", 64, 10000, extra="/data/my faces")
-  assert key.startswith("image_folder_64px_10000_")
+  key = fid.reference_key("image_folder-/data/my faces", "train", 64, 10000)
+  assert key.endswith("_train_64px_10000")
   assert os.sep not in key and " " not in key
-  assert fid.reference_key("anime_faces", 64, 5000) == "anime_faces_64px_5000"
+  assert (
+    fid.reference_key("anime_faces-0a1b", "train", 64, 5000) == "anime_faces-0a1b_train_64px_5000"
+  )
 
 
-def test_reference_statistics_compute_once_then_load(tmp_path):
+def test_reference_features_compute_once_then_load(tmp_path):
   calls = []
   x = _features(30, 4, 17)
 
@@ -129,16 +131,26 @@ def test_reference_statistics_compute_once_then_load(tmp_path):
     calls.append(1)
     return x
 
-  key = fid.reference_key("synthetic_faces", 32, 30)
-  first = fid.reference_statistics(str(tmp_path / "cache"), key, compute)
-  second = fid.reference_statistics(str(tmp_path / "cache"), key, compute)
+  key = fid.reference_key("synthetic_faces", "train", 32, 30)
+  first = fid.reference_features(str(tmp_path / "cache"), key, compute)
+  second = fid.reference_features(str(tmp_path / "cache"), key, compute)
   assert len(calls) == 1
   assert os.listdir(tmp_path / "cache") == [f"{key}.npz"]  # no temporary file left behind
-  for a, b, c in zip(first, second, fid.feature_statistics(x), strict=True):
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a, c)
+  assert first.dtype == second.dtype == np.float32
+  np.testing.assert_array_equal(first, x.astype(np.float32))
+  np.testing.assert_array_equal(second, first)
 
 
-def test_reference_statistics_reject_a_path_as_key(tmp_path):
+def test_an_unreadable_cache_entry_is_computed_again(tmp_path):
+  (tmp_path / "k.npz").write_bytes(b"not an npz")
+  x = _features(5, 3, 18)
+  np.testing.assert_array_equal(
+    fid.reference_features(str(tmp_path), "k", lambda: x), x.astype(np.float32)
+  )
+  with np.load(tmp_path / "k.npz") as saved:
+    np.testing.assert_array_equal(saved["features"], x.astype(np.float32))
+
+
+def test_reference_features_reject_a_path_as_key(tmp_path):
   with pytest.raises(ValueError, match="safe"):
-    fid.reference_statistics(str(tmp_path), "../escape", lambda: _features(5, 2, 0))
+    fid.reference_features(str(tmp_path), "../escape", lambda: _features(5, 2, 0))

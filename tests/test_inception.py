@@ -1,123 +1,49 @@
-"""The FID Inception network: pytorch-fid's weight layout loads, the forward pass, its pieces."""
+"""The FID Inception network: pytorch-fid's weights found, fetched and loaded; the forward pass."""
 
-import functools
-import importlib.util
+import hashlib
+import http.server
 import os
-import sys
-import types
+import socket
+import threading
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
+from inception_layout import basic_convs, random_state_dict
+from torch_files import pth_bytes, write_pth
 
 from gan.errors import UserError
-from gan.metrics import inception
-
-
-def _basic_convs() -> list[tuple[str, int, int, int, int]]:
-  """(module, in, out, kernel h, kernel w) of every BasicConv2d of pytorch-fid's FIDInceptionV3.
-
-  Written out from the architecture (torchvision's Inception3 with pytorch-fid's FID blocks),
-  independently of the module under test.
-  """
-  convs = [
-    ("Conv2d_1a_3x3", 3, 32, 3, 3),
-    ("Conv2d_2a_3x3", 32, 32, 3, 3),
-    ("Conv2d_2b_3x3", 32, 64, 3, 3),
-    ("Conv2d_3b_1x1", 64, 80, 1, 1),
-    ("Conv2d_4a_3x3", 80, 192, 3, 3),
-  ]
-  for block, cin, pool in (("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)):
-    convs += [
-      (f"{block}.branch1x1", cin, 64, 1, 1),
-      (f"{block}.branch5x5_1", cin, 48, 1, 1),
-      (f"{block}.branch5x5_2", 48, 64, 5, 5),
-      (f"{block}.branch3x3dbl_1", cin, 64, 1, 1),
-      (f"{block}.branch3x3dbl_2", 64, 96, 3, 3),
-      (f"{block}.branch3x3dbl_3", 96, 96, 3, 3),
-      (f"{block}.branch_pool", cin, pool, 1, 1),
-    ]
-  convs += [
-    ("Mixed_6a.branch3x3", 288, 384, 3, 3),
-    ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
-    ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3),
-    ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3),
-  ]
-  for block, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-    convs += [
-      (f"{block}.branch1x1", 768, 192, 1, 1),
-      (f"{block}.branch7x7_1", 768, c7, 1, 1),
-      (f"{block}.branch7x7_2", c7, c7, 1, 7),
-      (f"{block}.branch7x7_3", c7, 192, 7, 1),
-      (f"{block}.branch7x7dbl_1", 768, c7, 1, 1),
-      (f"{block}.branch7x7dbl_2", c7, c7, 7, 1),
-      (f"{block}.branch7x7dbl_3", c7, c7, 1, 7),
-      (f"{block}.branch7x7dbl_4", c7, c7, 7, 1),
-      (f"{block}.branch7x7dbl_5", c7, 192, 1, 7),
-      (f"{block}.branch_pool", 768, 192, 1, 1),
-    ]
-  convs += [
-    ("Mixed_7a.branch3x3_1", 768, 192, 1, 1),
-    ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
-    ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1),
-    ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
-    ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1),
-    ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3),
-  ]
-  for block, cin in (("Mixed_7b", 1280), ("Mixed_7c", 2048)):
-    convs += [
-      (f"{block}.branch1x1", cin, 320, 1, 1),
-      (f"{block}.branch3x3_1", cin, 384, 1, 1),
-      (f"{block}.branch3x3_2a", 384, 384, 1, 3),
-      (f"{block}.branch3x3_2b", 384, 384, 3, 1),
-      (f"{block}.branch3x3dbl_1", cin, 448, 1, 1),
-      (f"{block}.branch3x3dbl_2", 448, 384, 3, 3),
-      (f"{block}.branch3x3dbl_3a", 384, 384, 1, 3),
-      (f"{block}.branch3x3dbl_3b", 384, 384, 3, 1),
-      (f"{block}.branch_pool", cin, 192, 1, 1),
-    ]
-  return convs
-
-
-@functools.cache
-def _state_dict(seed: int = 0) -> dict[str, np.ndarray]:
-  """A state dict with pytorch-fid's keys and shapes, filled with small random values.
-
-  He-scaled kernels and unit-ish BatchNorm statistics keep activations O(1) through the network.
-  """
-  rng = np.random.default_rng(seed)
-  arrays = {}
-  for name, cin, cout, kh, kw in _basic_convs():
-    fan_in = cin * kh * kw
-    arrays[f"{name}.conv.weight"] = (
-      rng.normal(size=(cout, cin, kh, kw)) * np.sqrt(2 / fan_in)
-    ).astype(np.float32)
-    arrays[f"{name}.bn.weight"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
-    arrays[f"{name}.bn.bias"] = rng.normal(0, 0.1, cout).astype(np.float32)
-    arrays[f"{name}.bn.running_mean"] = rng.normal(0, 0.1, cout).astype(np.float32)
-    arrays[f"{name}.bn.running_var"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
-    arrays[f"{name}.bn.num_batches_tracked"] = np.array(0, np.int64)
-  arrays["fc.weight"] = rng.normal(0, 0.01, (1008, 2048)).astype(np.float32)
-  arrays["fc.bias"] = np.zeros(1008, np.float32)
-  return arrays
+from gan.metrics import inception, pth
 
 
 @pytest.fixture(scope="module")
 def weights_path(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("inception") / "weights.npz")
-  inception.write_weights(_state_dict(), path)
+  path = str(tmp_path_factory.mktemp("inception") / "weights.pth")
+  write_pth(path, random_state_dict())
   return path
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pytorch_fids_key_layout_reads_back_exactly(tmp_path, legacy):
+  # pytorch-fid's file is a flat OrderedDict of these 566 names; small shapes keep it quick.
+  arrays = random_state_dict(scale=16)
+  path = tmp_path / "small.pth"
+  write_pth(path, arrays, legacy=legacy)
+  read = pth.read_state_dict(str(path))
+  assert list(read) == list(arrays) and len(read) == 94 * 6 + 2
+  for name, array in arrays.items():
+    assert read[name].dtype == array.dtype, name
+    np.testing.assert_array_equal(read[name], array, err_msg=name)
 
 
 def test_the_state_dict_table_has_pytorch_fids_parameter_count():
   # torchvision's inception_v3 has 27,161,264 parameters; less AuxLogits (3,326,696) and with
   # the TF graph's 1008-way fc instead of 1000-way (+16,392) that is pytorch-fid's network.
-  arrays = _state_dict()
+  arrays = random_state_dict()
   trainable = sum(
     a.size for k, a in arrays.items() if not k.endswith(("running_mean", "running_var", "tracked"))
   )
-  assert len(_basic_convs()) == 94
+  assert len(basic_convs()) == 94
   assert trainable == 27_161_264 - 3_326_696 + 16_392
 
 
@@ -138,7 +64,7 @@ def test_features_of_small_images_are_finite_2048_vectors(weights_path):
 @pytest.mark.slow
 def test_loaded_kernels_are_pytorchs_transposed_to_hwio(weights_path):
   model = inception.load_inception_model(weights_path)
-  weight = _state_dict()["Conv2d_1a_3x3.conv.weight"]  # OIHW
+  weight = random_state_dict()["Conv2d_1a_3x3.conv.weight"]  # OIHW
   x = np.random.default_rng(2).normal(size=(1, 7, 7, 3)).astype(np.float32)
   out = np.asarray(model.Conv2d_1a_3x3.conv(jnp.asarray(x)))  # 3x3, stride 2, no padding
   expected = np.einsum("hwi,oihw->o", x[0, 2:5, 4:7], weight)  # output pixel (1, 2)
@@ -183,81 +109,154 @@ def test_resize_matches_pytorch_bilinear(size):
   np.testing.assert_allclose(out[0], expected, atol=1e-4)  # float32 sums of up to 4 taps
 
 
-def test_missing_weights_say_where_to_get_and_how_to_convert(tmp_path):
-  path = str(tmp_path / "absent.npz")
+def test_the_weights_hash_begins_with_the_digits_in_the_file_name():
+  assert len(inception.WEIGHTS_SHA256) == 64 and int(inception.WEIGHTS_SHA256, 16) >= 0
+  assert inception.WEIGHTS_SHA256.startswith("6726825d")
+  assert inception.WEIGHTS_URL.endswith("/" + inception.WEIGHTS_FILE)
+
+
+def _no_named_weights(monkeypatch, home) -> str:
+  """Leaves the weights to the cache in `home`; returns where they are kept."""
+  monkeypatch.delenv(inception.FID_WEIGHTS_ENV, raising=False)
+  monkeypatch.setenv("HOME", str(home))
+  return os.path.join(home, ".cache", "gan", inception.WEIGHTS_FILE)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+  """A web server on 127.0.0.1 serving tmp_path/site; WEIGHTS_URL points into it."""
+  site = tmp_path / "site"
+  site.mkdir()
+  requests = []
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, directory=str(site), **kwargs)
+
+    def do_GET(self):
+      requests.append(self.path)
+      super().do_GET()
+
+    def log_message(self, *args):
+      del args  # keep the test output clean
+
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  monkeypatch.setenv("no_proxy", "127.0.0.1")
+  url = f"http://127.0.0.1:{httpd.server_address[1]}/{inception.WEIGHTS_FILE}"
+  monkeypatch.setattr(inception, "WEIGHTS_URL", url)
+  yield site, requests
+  httpd.shutdown()
+  httpd.server_close()
+  thread.join()
+
+
+def _small_weights() -> bytes:
+  return pth_bytes(random_state_dict(scale=16), legacy=True)
+
+
+def test_first_use_downloads_checks_and_keeps_the_weights(tmp_path, monkeypatch, server):
+  site, requests = server
+  data = _small_weights()
+  (site / inception.WEIGHTS_FILE).write_bytes(data)
+  monkeypatch.setattr(inception, "WEIGHTS_SHA256", hashlib.sha256(data).hexdigest())
+  cached = _no_named_weights(monkeypatch, tmp_path / "home")
+  path, sha256 = inception.resolve_weights()
+  assert (path, sha256) == (cached, inception.WEIGHTS_SHA256)
+  with open(cached, "rb") as f:
+    assert f.read() == data
+  assert os.listdir(os.path.dirname(cached)) == [inception.WEIGHTS_FILE]  # no partial file
+  assert inception.resolve_weights() == (cached, sha256)  # the second use finds them
+  assert len(requests) == 1
+  assert list(pth.read_state_dict(path)) == list(random_state_dict(scale=16))
+
+
+def test_a_download_with_another_hash_is_refused_and_not_kept(tmp_path, monkeypatch, server):
+  site, _ = server
+  (site / inception.WEIGHTS_FILE).write_bytes(_small_weights())  # not pytorch-fid's bytes
+  cached = _no_named_weights(monkeypatch, tmp_path / "home")
   with pytest.raises(UserError) as error:
-    inception.load_inception(path)
+    inception.resolve_weights()
   message = str(error.value)
-  assert inception.WEIGHTS_URL in message
-  assert "scripts/convert_inception_weights.py" in message
-  assert inception.FID_WEIGHTS_ENV in message
-  assert path in message
+  assert "\n" not in message
+  assert inception.WEIGHTS_SHA256 in message and inception.WEIGHTS_URL in message
+  assert cached in message and "nothing was kept" in message
+  assert os.listdir(os.path.dirname(cached)) == []
 
 
-def test_default_path_follows_the_environment(monkeypatch):
-  monkeypatch.setenv(inception.FID_WEIGHTS_ENV, "/somewhere/w.npz")
-  assert inception.default_weights_path() == "/somewhere/w.npz"
-  monkeypatch.delenv(inception.FID_WEIGHTS_ENV)
-  assert inception.default_weights_path() == os.path.expanduser(
-    "~/.cache/gan/pt_inception-2015-12-05-6726825d.npz"
-  )
+def test_a_missing_file_on_the_server_says_what_to_fetch(tmp_path, monkeypatch, server):
+  cached = _no_named_weights(monkeypatch, tmp_path / "home")
+  with pytest.raises(UserError, match="404") as error:
+    inception.resolve_weights()
+  assert cached in str(error.value) and os.listdir(os.path.dirname(cached)) == []
+
+
+def test_without_network_one_line_names_the_url_the_hash_and_the_place(tmp_path, monkeypatch):
+  with socket.socket() as probe:  # a port nothing listens on
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  monkeypatch.setenv("no_proxy", "127.0.0.1")
+  url = f"http://127.0.0.1:{port}/{inception.WEIGHTS_FILE}"
+  monkeypatch.setattr(inception, "WEIGHTS_URL", url)
+  cached = _no_named_weights(monkeypatch, tmp_path / "home")
+  with pytest.raises(UserError) as error:
+    inception.load_inception()
+  message = str(error.value)
+  assert "\n" not in message
+  for part in (url, inception.WEIGHTS_SHA256, cached, inception.FID_WEIGHTS_ENV):
+    assert part in message
+  assert not os.path.exists(cached)
+
+
+def test_cached_weights_with_another_hash_are_refused(tmp_path, monkeypatch):
+  cached = _no_named_weights(monkeypatch, tmp_path / "home")
+  os.makedirs(os.path.dirname(cached))
+  with open(cached, "wb") as f:
+    f.write(b"half a download")
+  with pytest.raises(UserError, match="delete it to download them again") as error:
+    inception.resolve_weights()
+  assert "\n" not in str(error.value) and inception.WEIGHTS_SHA256 in str(error.value)
+
+
+def test_named_weights_are_used_as_they_are_with_a_warning(tmp_path, monkeypatch, caplog):
+  path = tmp_path / "mine.pth"
+  path.write_bytes(_small_weights())
+  monkeypatch.setenv(inception.FID_WEIGHTS_ENV, str(path))
+  assert inception.resolve_weights() == (str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+  assert "not pytorch-fid's" in caplog.text
+  other = tmp_path / "other.pth"
+  other.write_bytes(_small_weights())
+  assert inception.resolve_weights(str(other))[0] == str(other)  # the argument comes first
+
+
+@pytest.mark.parametrize("name", ["absent.pth", "converted.npz"])
+def test_named_weights_that_are_missing_or_an_npz_are_one_line(tmp_path, monkeypatch, name):
+  path = tmp_path / name
+  if name.endswith(".npz"):
+    np.savez(path, x=np.zeros(1))
+  monkeypatch.setenv(inception.FID_WEIGHTS_ENV, str(path))
+  with pytest.raises(UserError) as error:
+    inception.resolve_weights()
+  message = str(error.value)
+  assert "\n" not in message and str(path) in message and inception.WEIGHTS_URL in message
 
 
 @pytest.mark.slow
 def test_a_missing_key_is_named(tmp_path):
-  arrays = dict(_state_dict())
+  arrays = dict(random_state_dict())
   del arrays["Mixed_6c.branch7x7dbl_3.bn.running_var"]
-  path = str(tmp_path / "w.npz")
-  inception.write_weights(arrays, path)
+  path = str(tmp_path / "w.pth")
+  write_pth(path, arrays)
   with pytest.raises(UserError, match=r"Mixed_6c\.branch7x7dbl_3\.bn\.running_var"):
     inception.load_inception_model(path)
 
 
 @pytest.mark.slow
 def test_a_misshaped_key_is_named(tmp_path):
-  arrays = dict(_state_dict())
+  arrays = dict(random_state_dict())
   arrays["Mixed_7b.branch3x3_2a.conv.weight"] = np.zeros((384, 384, 3, 1), np.float32)
-  path = str(tmp_path / "w.npz")
-  inception.write_weights(arrays, path)
+  path = str(tmp_path / "w.pth")
+  write_pth(path, arrays)
   with pytest.raises(UserError, match=r"Mixed_7b\.branch3x3_2a\.conv\.weight"):
     inception.load_inception_model(path)
-
-
-class _FakeTensor:
-  def __init__(self, array):
-    self._array = array
-
-  def detach(self):
-    return self
-
-  def numpy(self):
-    return self._array
-
-
-@pytest.mark.slow
-def test_converter_writes_the_state_dict_as_a_loadable_npz(tmp_path, monkeypatch):
-  pth, out = tmp_path / "w.pth", tmp_path / "out" / "w.npz"
-  pth.write_bytes(b"")
-  fake_torch = types.SimpleNamespace(
-    load=lambda path, map_location, weights_only: {
-      k: _FakeTensor(v) for k, v in _state_dict().items()
-    }
-  )
-  monkeypatch.setitem(sys.modules, "torch", fake_torch)
-  spec = importlib.util.spec_from_file_location(
-    "convert_inception_weights", "scripts/convert_inception_weights.py"
-  )
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
-  flags.FLAGS(["convert", f"--pth={pth}", f"--out={out}"])
-  try:
-    script.main(["convert"])
-  finally:
-    # Other tests may load scripts that define the same flag names.
-    for name in ("pth", "out"):
-      delattr(flags.FLAGS, name)
-  with np.load(out, allow_pickle=False) as saved:
-    assert set(saved.files) == set(_state_dict())
-    np.testing.assert_array_equal(
-      saved["Mixed_5b.branch1x1.conv.weight"], _state_dict()["Mixed_5b.branch1x1.conv.weight"]
-    )

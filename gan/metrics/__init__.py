@@ -1,4 +1,6 @@
-"""Metrics of generated images: sample diversity (MS-SSIM, near duplicates) and mode coverage.
+"""Metrics of generated images: sample quality, sample diversity and mode coverage.
 
-Import the modules themselves: `ms_ssim`, `diversity`, `mode_classifier`.
+Import the modules themselves: `quality` (the Evaluator of `eval.metrics`) with `swd`, `fid`,
+`precision_recall` and `inception` (the FID network; `pth` reads its weights); `ms_ssim`,
+`diversity` and `mode_classifier` for the health signals.
 """

@@ -5,16 +5,18 @@ numerics, so values are comparable with published ones. KID (Bińkowski et al., 
 unbiased MMD^2 with a cubic polynomial kernel, averaged over random subsets; unlike FID it is
 unbiased in the number of samples, which makes small evaluation sets comparable.
 
-Reference statistics of a dataset are computed once and cached:
+The Inception features of a dataset's reference images are computed once and cached, for FID,
+KID and the manifold metrics alike:
 
-    key = reference_key("anime_faces", 64, 10000)
-    mu, sigma = reference_statistics(cache_dir, key, lambda: features_of_real_images())
-    fid = frechet_distance(mu, sigma, *feature_statistics(features_of_samples))
+    key = reference_key("anime_faces-1a2b3c4d5e", "train", 64, 10000)
+    real = reference_features(cache_dir, key, lambda: features_of_real_images())
+    fid = frechet_distance(*feature_statistics(real), *feature_statistics(features_of_samples))
 """
 
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 
 import numpy as np
@@ -100,34 +102,38 @@ def kernel_inception_distance(
   return float(np.mean(values)), float(np.std(values))
 
 
-def reference_key(source: str, resolution: int, num_samples: int, extra: str = "") -> str:
-  """A file-name-safe cache key, e.g. 'anime_faces_64px_10000' (plus '_' + extra if given)."""
-  key = f"{source}_{resolution}px_{num_samples}" + (f"_{extra}" if extra else "")
+def reference_key(dataset: str, split: str, resolution: int, num_samples: int) -> str:
+  """A file-name-safe cache key, e.g. 'anime_faces-1a2b3c4d5e_train_64px_10000'."""
+  key = f"{dataset}_{split}_{resolution}px_{num_samples}"
   return re.sub(r"[^A-Za-z0-9._-]+", "-", key).lstrip(".")
 
 
-def reference_statistics(
-  cache_dir: str, key: str, compute: Callable[[], np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-  """The (mu, sigma) of a reference set: from `<cache_dir>/<key>.npz`, else computed and saved.
+def reference_features(cache_dir: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+  """The features [N, D] of a reference set: from `<cache_dir>/<key>.npz`, else computed and saved.
 
   Args:
     cache_dir: folder of the cache; created if needed.
-    key: the file name stem, from `reference_key`.
-    compute: returns the reference features [N, D]; called only when the cache lacks `key`.
+    key: the file name stem, from `reference_key` (plus whatever else tells the sets apart).
+    compute: returns the reference features [N, D]; called only when the cache lacks `key` or
+      its entry cannot be read.
   """
   if not _SAFE_KEY.fullmatch(key):
     raise ValueError(f"not a safe cache key: {key!r}; build it with reference_key")
   path = os.path.join(cache_dir, f"{key}.npz")
   if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as cached:
-      logging.info("reference statistics from %s", path)
-      return cached["mu"], cached["sigma"]
-  mu, sigma = feature_statistics(compute())
+    try:
+      with np.load(path, allow_pickle=False) as cached:
+        features = cached["features"]
+      if features.ndim == 2:
+        logging.info("reference features from %s", path)
+        return features
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      logging.warning("computing the reference features again: %s is unreadable (%s)", path, e)
+  features = np.asarray(compute(), np.float32)
   os.makedirs(cache_dir, exist_ok=True)
   # Written aside and renamed, so an interrupted run never leaves a truncated cache entry.
   with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as f:
-    np.savez(f, mu=mu, sigma=sigma)
+    np.savez(f, features=features)
   os.replace(f.name, path)
-  logging.info("reference statistics saved to %s", path)
-  return mu, sigma
+  logging.info("reference features saved to %s", path)
+  return features

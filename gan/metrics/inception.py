@@ -6,14 +6,20 @@ that do not count padding) and of Mixed_7c (a max pool instead of an average poo
 the 2048-d pool3 activations of images resized bilinearly to 299x299, so FID and KID computed
 here agree with pytorch-fid's.
 
-The weights are pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, converted once to an .npz
-whose keys are its state-dict keys and whose arrays keep PyTorch's layout (OIHW kernels):
+The weights are pytorch-fid's own file, `pt_inception-2015-12-05-6726825d.pth`, read without
+PyTorch (`gan.metrics.pth`); its state-dict keys name the modules below and its kernels keep
+PyTorch's OIHW layout. On first use it is downloaded into ~/.cache/gan and its SHA-256 checked:
 
-    features = load_inception()(images)  # [N, H, W, 3] in [-1, 1] -> float32 [N, 2048]
+    path, sha256 = resolve_weights()   # $GAN_INCEPTION_WEIGHTS, or the cache (downloaded)
+    features = load_inception(path)    # [N, H, W, 3] in [-1, 1] -> float32 [N, 2048]
 """
 
+import hashlib
+import http.client
 import os
-from collections.abc import Mapping
+import tempfile
+import urllib.error
+import urllib.request
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +29,17 @@ from flax import nnx
 from jax import lax
 
 from gan.errors import UserError
+from gan.metrics import pth
 
 FID_WEIGHTS_ENV = "GAN_INCEPTION_WEIGHTS"
-WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d"
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# Where pytorch-fid publishes the file, and its SHA-256 (the name ends with its first 8 digits,
+# torch.hub's convention); the download is kept only when it matches.
 WEIGHTS_URL = (
-  f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}.pth"
+  f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
 )
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+_DOWNLOAD_TIMEOUT_S = 60
 INPUT_SIZE = 299
 FEATURES = 2048
 
@@ -46,11 +57,110 @@ _TORCH_NAMES = {
 }
 
 
-def default_weights_path() -> str:
-  """$GAN_INCEPTION_WEIGHTS if set, else the converted file in ~/.cache/gan."""
-  return os.environ.get(FID_WEIGHTS_ENV) or os.path.join(
-    os.path.expanduser("~"), ".cache", "gan", f"{WEIGHTS_FILE}.npz"
+def cached_weights_path() -> str:
+  """Where the downloaded weights are kept: ~/.cache/gan/pt_inception-2015-12-05-6726825d.pth."""
+  return os.path.join(os.path.expanduser("~"), ".cache", "gan", WEIGHTS_FILE)
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _fetch_failed(path: str, reason: str) -> UserError:
+  return UserError(
+    f"could not download the FID Inception weights ({reason}): fetch {WEIGHTS_URL} "
+    f"(sha256 {WEIGHTS_SHA256}) by hand and put it at {path}, or point ${FID_WEIGHTS_ENV} at it"
   )
+
+
+def _fetch(partial, path: str) -> str:
+  """Streams WEIGHTS_URL into the open file `partial`; returns the bytes' SHA-256."""
+  digest = hashlib.sha256()
+  try:
+    with urllib.request.urlopen(WEIGHTS_URL, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+      while chunk := response.read(1 << 20):
+        digest.update(chunk)
+        partial.write(chunk)
+  except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+    reason = e.reason if type(e) is urllib.error.URLError else e
+    raise _fetch_failed(path, str(reason)) from None
+  return digest.hexdigest()
+
+
+def download_weights(path: str) -> None:
+  """Downloads WEIGHTS_URL to `path`, keeping it only if its SHA-256 is WEIGHTS_SHA256.
+
+  The bytes go to a temporary file beside `path`, renamed into place once checked, so an
+  interrupted or corrupt download never sits where the weights are looked for.
+
+  Raises:
+    UserError: without network, on an HTTP error, or when the hash differs.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  logging.info("downloading the FID Inception weights from %s to %s", WEIGHTS_URL, path)
+  with tempfile.NamedTemporaryFile(dir=folder, suffix=".partial", delete=False) as partial:
+    try:
+      sha256 = _fetch(partial, path)
+      if sha256 != WEIGHTS_SHA256:
+        raise _fetch_failed(path, f"the download's sha256 is {sha256}; nothing was kept")
+    except BaseException:
+      os.unlink(partial.name)
+      raise
+  os.replace(partial.name, path)
+  logging.info("saved the FID Inception weights to %s", path)
+
+
+def resolve_weights(path: str | None = None) -> tuple[str, str]:
+  """The Inception weights file to use, and its SHA-256.
+
+  A file named by `path` or $GAN_INCEPTION_WEIGHTS is used as it is; weights other than
+  pytorch-fid's only draw a warning, since their FID is comparable with nothing published.
+  Otherwise the weights are pytorch-fid's file in the cache, downloaded when absent and
+  refused when their hash differs.
+
+  Raises:
+    UserError: if a named file is missing, or the cached weights are missing and cannot be
+      downloaded, or differ from pytorch-fid's.
+  """
+  named = path or os.environ.get(FID_WEIGHTS_ENV)
+  if named:
+    named = os.path.expanduser(named)
+    if named.endswith(".npz"):
+      raise UserError(
+        f"{named} is an .npz; the Inception weights are pytorch-fid's .pth itself: point "
+        f"eval.inception_weights or ${FID_WEIGHTS_ENV} at {WEIGHTS_FILE} ({WEIGHTS_URL}), or "
+        f"leave both unset to have it downloaded"
+      )
+    if not os.path.isfile(named):
+      raise UserError(
+        f"no Inception weights at {named} (eval.inception_weights or ${FID_WEIGHTS_ENV}): "
+        f"put pytorch-fid's {WEIGHTS_URL} (sha256 {WEIGHTS_SHA256}) there, or leave both "
+        f"unset to have it downloaded to {cached_weights_path()}"
+      )
+    sha256 = file_sha256(named)
+    if sha256 != WEIGHTS_SHA256:
+      logging.warning(
+        "the Inception weights at %s are not pytorch-fid's (sha256 %s): their FID and KID "
+        "compare only with values computed with the same file",
+        named,
+        sha256,
+      )
+    return named, sha256
+  cached = cached_weights_path()
+  if not os.path.exists(cached):
+    download_weights(cached)
+  sha256 = file_sha256(cached)
+  if sha256 != WEIGHTS_SHA256:
+    raise UserError(
+      f"{cached} has sha256 {sha256}, not that of pytorch-fid's weights ({WEIGHTS_SHA256}): "
+      f"delete it to download them again, or point ${FID_WEIGHTS_ENV} at the weights you mean"
+    )
+  return cached, sha256
 
 
 def _pair(value) -> tuple[int, int]:
@@ -268,63 +378,40 @@ def _torch_key(path: tuple) -> str:
   return ".".join([*map(str, modules), _TORCH_NAMES[name]])
 
 
-def _missing_weights_message(path: str) -> str:
-  return (
-    f"no FID Inception weights at {path}. Download pytorch-fid's {WEIGHTS_URL}, convert them "
-    f"with `pip install torch==2.13.0` (CPU is enough) and `python "
-    f"scripts/convert_inception_weights.py --pth={WEIGHTS_FILE}.pth --out={path}`; the "
-    f"loader reads ${FID_WEIGHTS_ENV} if set, else {os.path.join('~', '.cache', 'gan', WEIGHTS_FILE)}.npz"
-  )
-
-
-def write_weights(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes a pytorch-fid state dict (name -> numpy array, PyTorch layout) as a flat .npz.
-
-  The file appears whole or not at all (written aside, then renamed).
-  """
-  arrays = {name: np.asarray(value) for name, value in state_dict.items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  partial = f"{path}.partial"
-  with open(partial, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(partial, path)
-
-
 def load_inception_model(path: str | None = None) -> FIDInceptionV3:
-  """The network with the converted pytorch-fid weights at `path` (default: `default_weights_path`).
+  """The network with the pytorch-fid weights at `path` (default: `resolve_weights()`).
 
   Raises:
-    UserError: if the file is missing, or a parameter is missing or has the wrong shape.
+    UserError: as `resolve_weights`, or if the file is no state dict, or a parameter is
+      missing or has the wrong shape.
   """
-  path = path or default_weights_path()
-  if not os.path.exists(path):
-    raise UserError(_missing_weights_message(path))
+  path = path or resolve_weights()[0]
+  saved = pth.read_state_dict(path)
   # Shapes only: the real values come from the file, so nothing is initialised twice.
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: FIDInceptionV3(rngs=nnx.Rngs(0))))
   loaded, used = [], set()
-  with np.load(path, allow_pickle=False) as saved:
-    for key, variable in nnx.to_flat_state(abstract):
-      name = _torch_key(key)
-      shape = variable.get_value().shape
-      if name not in saved.files:
-        raise UserError(f"the Inception weights at {path} lack {name}; convert them again")
-      value = saved[name]
-      if key[-1] == "kernel" and value.ndim == 4:
-        value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-      if value.shape != shape:
-        raise UserError(
-          f"the Inception weights at {path} hold {name} with shape {saved[name].shape}; "
-          f"pytorch-fid's network needs {shape} (after OIHW -> HWIO); convert them again"
-        )
-      loaded.append((key, jnp.asarray(value, jnp.float32)))
-      used.add(name)
-    unknown = [
-      name
-      for name in saved.files
-      if name not in used
-      and not name.endswith(_UNUSED_SUFFIXES)
-      and not name.startswith(_UNUSED_PREFIXES)
-    ]
+  for key, variable in nnx.to_flat_state(abstract):
+    name = _torch_key(key)
+    shape = variable.get_value().shape
+    if name not in saved:
+      raise UserError(f"the Inception weights at {path} lack {name}; are they pytorch-fid's?")
+    value = saved[name]
+    if key[-1] == "kernel" and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if value.shape != shape:
+      raise UserError(
+        f"the Inception weights at {path} hold {name} with shape {saved[name].shape}; "
+        f"pytorch-fid's network needs {shape} (after OIHW -> HWIO)"
+      )
+    loaded.append((key, jnp.asarray(value, jnp.float32)))
+    used.add(name)
+  unknown = [
+    name
+    for name in saved
+    if name not in used
+    and not name.endswith(_UNUSED_SUFFIXES)
+    and not name.startswith(_UNUSED_PREFIXES)
+  ]
   if unknown:
     logging.warning("ignoring %d unknown arrays in %s, e.g. %s", len(unknown), path, unknown[0])
   return nnx.merge(graphdef, nnx.from_flat_state(loaded))
@@ -332,6 +419,8 @@ def load_inception_model(path: str | None = None) -> FIDInceptionV3:
 
 def load_inception(path: str | None = None, batch_size: int = 50):
   """A function mapping images [N, H, W, 3] in [-1, 1] to float32 numpy features [N, 2048].
+
+  `path` is the weights file (default: `resolve_weights()`, which may download it).
 
   Images go through the network `batch_size` at a time; a short last batch is padded, so each
   run compiles the network once.

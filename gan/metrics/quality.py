@@ -2,10 +2,16 @@
 
 Metrics, by name:
   swd               sliced Wasserstein distance on Laplacian-pyramid patches (x1e3; no weights)
-  precision_recall  k-NN manifold precision and recall (no weights)
-  fid, kid          Frechet and kernel Inception distances; need the Inception weights file
+  fid, kid          Frechet and kernel Inception distances
+  precision_recall  improved precision and recall (k=3) on Inception features
+  density_coverage  density and coverage (k=5) on Inception features
+All but swd need pytorch-fid's Inception weights, downloaded on first use
+(`inception.resolve_weights`). The Inception features of the real images are cached per
+reference set and weights file, and shared by the four.
 """
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 
@@ -16,15 +22,29 @@ from absl import logging
 from gan.errors import UserError
 from gan.metrics import fid, inception, precision_recall, swd
 
-METRICS = ("swd", "precision_recall", "fid", "kid")
-_INCEPTION_METRICS = {"fid", "kid"}
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "gan", "fid_statistics")
+METRICS = ("swd", "fid", "kid", "precision_recall", "density_coverage")
+INCEPTION_METRICS = frozenset({"fid", "kid", "precision_recall", "density_coverage"})
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "gan", "reference_features")
 
 
 def check_names(metrics: Sequence[str]) -> None:
   unknown = sorted(set(metrics) - set(METRICS))
   if unknown:
     raise UserError(f"unknown metrics {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+
+
+def reference_key(data_config, num_samples: int, split: str = "train") -> str:
+  """Names a reference set in the feature cache: dataset, split, resolution and image count.
+
+  The dataset is `data.source` plus a digest of every `data` field (the folder or archive, the
+  synthetic seed, ...), so two datasets never share an entry.
+  """
+  fields = dict(data_config)
+  if fields.get("path"):
+    fields["path"] = os.path.abspath(os.path.expanduser(fields["path"]))
+  digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+  dataset = f"{fields['source']}-{digest[:10]}"
+  return fid.reference_key(dataset, split, fields["resolution"], num_samples)
 
 
 class Evaluator:
@@ -45,28 +65,32 @@ class Evaluator:
     metrics: names from METRICS.
     real_images: [N, R, R, 3] in [-1, 1].
     key: the randomness of SWD, the same at every evaluation.
-    reference: names the real set in the FID statistics cache (see fid.reference_key).
-    inception_weights: the Inception .npz; '' for inception.default_weights_path().
-    cache_dir: where the real images' Inception statistics are kept.
-    require_inception: raise when FID/KID are asked for and the weights are absent, rather than
-      warn and go on with the weight-free metrics.
+    reference: names the real set in the feature cache (see `reference_key`).
+    inception_weights: the Inception .pth; '' for `inception.resolve_weights`' choice.
+    cache_dir: where the real images' Inception features are kept.
+    require_inception: raise when Inception metrics are asked for and the weights cannot be
+      had, rather than warn and go on with the weight-free metrics.
     """
     check_names(metrics)
     self.metrics = tuple(metrics)
     self._real = np.asarray(real_images)
     self._key = key
     self._features = None
-    if _INCEPTION_METRICS & set(self.metrics):
+    wanted = sorted(INCEPTION_METRICS & set(self.metrics))
+    if wanted:
       try:
-        self._features = inception.load_inception(inception_weights or None)
+        path, sha256 = inception.resolve_weights(inception_weights or None)
+        self._features = inception.load_inception(path)
       except UserError as e:
         if require_inception:
           raise
-        logging.warning("Skipping FID and KID: %s", e)
-        self.metrics = tuple(m for m in self.metrics if m not in _INCEPTION_METRICS)
+        logging.warning("Skipping %s: %s", ", ".join(wanted), e)
+        self.metrics = tuple(m for m in self.metrics if m not in INCEPTION_METRICS)
     if self._features is not None:
-      self._real_features = self._features(self._real)
-      self._real_stats = fid.reference_statistics(cache_dir, reference, lambda: self._real_features)
+      self._real_features = fid.reference_features(
+        cache_dir, f"{reference}_inception-{sha256[:8]}", lambda: self._features(self._real)
+      )
+      self._real_stats = fid.feature_statistics(self._real_features)
 
   def __call__(self, fake_images: np.ndarray) -> dict[str, float]:
     """The metrics of `fake_images` ([M, R, R, 3] in [-1, 1]) against the real set."""
@@ -74,8 +98,6 @@ class Evaluator:
     results = {}
     if "swd" in self.metrics:
       results.update(swd.sliced_wasserstein(self._real, fake, self._key))
-    if "precision_recall" in self.metrics:
-      results.update(precision_recall.precision_recall(self._real, fake))
     if self._features is not None:
       fake_features = self._features(fake)
       if "fid" in self.metrics:
@@ -86,4 +108,8 @@ class Evaluator:
         results["kid"], results["kid_std"] = fid.kernel_inception_distance(
           self._real_features, fake_features
         )
+      if "precision_recall" in self.metrics:
+        results.update(precision_recall.precision_recall(self._real_features, fake_features))
+      if "density_coverage" in self.metrics:
+        results.update(precision_recall.density_coverage(self._real_features, fake_features))
     return {k: float(v) for k, v in results.items()}
