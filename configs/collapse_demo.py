@@ -21,9 +21,9 @@ def get_config(arg=None):
   config.train.b1 = 0.9  # Adam's default momentum, which the DCGAN paper found unstable
   config.train.g_lr = 1e-3  # 5x the DCGAN rate: G's large, momentum-driven steps chase D
   config.train.d_lr = 1e-3  # 5x too: a fast D the generator keeps fleeing to a few modes
-  # The remedy at each rollback: the DCGAN paper's beta1 of 0.5 and half the learning rates.
+  # The remedy at each rollback: the DCGAN paper's beta1 of 0.5, and the default
+  # collapse.lr_factor, half the learning rates.
   config.collapse.rollback_b1 = 0.5
-  config.collapse.lr_factor = 0.5
   if arg == "smoke":
     return config
   config.train.num_steps = 2000  # long enough to collapse and, with rollback, to recover

@@ -75,7 +75,10 @@ def get_config(arg=None):
   collapse.ndb_bins = 16  # k-means bins of the real images' 8x8 layouts behind NDB
   collapse.patience = 2  # suspect evaluations in a row that make a collapse
   collapse.max_rollbacks = 5  # stop with an error after this many rollbacks in one run
-  collapse.lr_factor = 1.0  # multiply both learning rates by this at each rollback
+  # Multiply both learning rates by this at each rollback (the lower of the restored and the
+  # fallen state's, so repeated rollbacks keep lowering them); 1.0 would retry the settings that
+  # collapsed, with only new random numbers.
+  collapse.lr_factor = 0.5
   # Set both optimisers' Adam beta1 to this at each rollback (None keeps it): less momentum is
   # the DCGAN paper's cure for unstable training.
   collapse.rollback_b1 = ml_collections.config_dict.placeholder(float)

@@ -6,10 +6,12 @@ falling), and changes what made the run fall: a new random stream; learning rate
 `collapse.lr_factor` times the lower of the restored and the fallen state's, so repeated rollbacks
 keep lowering them even when they go back to the same checkpoint; and Adam's beta1 set to
 `collapse.rollback_b1` when that is given. Each rollback is one JSON line in
-WORKDIR/rollbacks.jsonl.
+WORKDIR/rollbacks.jsonl, strict JSON that any reader accepts: a non-finite number (a NaN health
+signal, say) is written as null, and the reason says which value was not finite.
 """
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +35,7 @@ def roll_back(
   make_initial: Callable[[], state_lib.TrainState],
   rollbacks: int,
   reasons: tuple[str, ...],
+  signals: Mapping[str, float] | None = None,
 ) -> tuple[state_lib.TrainState, dict]:
   """The state to carry on from after `fallen` collapsed, and the rollback's record.
 
@@ -44,6 +47,7 @@ def roll_back(
     make_initial: builds the run's initial state, the fallback when no checkpoint is healthy.
     rollbacks: how many rollbacks the run made before this one.
     reasons: why the run was judged collapsed.
+    signals: the health signals of the collapsed evaluation, recorded with the rollback.
   """
   step = int(parallel.to_host(fallen.step))
   ckpt.wait()
@@ -67,6 +71,7 @@ def roll_back(
     "rollback": rollbacks + 1,
     "g_lr": float(parallel.to_host(rates[0])),
     "d_lr": float(parallel.to_host(rates[1])),
+    "signals": {k.removeprefix("health/"): float(v) for k, v in (signals or {}).items()},
   }
   if config.collapse.rollback_b1 is not None:
     state = state_lib.with_hyperparams(state, b1=[config.collapse.rollback_b1] * 2)
@@ -81,9 +86,23 @@ def hint(ckpt: checkpointing.Checkpointer, step: int) -> str:
 
 
 def record(workdir: str, event: Mapping) -> None:
-  """Appends one JSON line per rollback to WORKDIR/rollbacks.jsonl."""
+  """Appends one JSON line per rollback to WORKDIR/rollbacks.jsonl (non-finite numbers as null)."""
+  line = json.dumps(
+    _finite_or_null({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event}), allow_nan=False
+  )
   with open(os.path.join(workdir, ROLLBACKS_FILE), "a") as f:
-    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event}) + "\n")
+    f.write(line + "\n")
+
+
+def _finite_or_null(value):
+  """`value` with every NaN or infinity in it (nested in mappings and lists) replaced by None."""
+  if isinstance(value, Mapping):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_finite_or_null(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
 
 
 def count(workdir: str) -> int:

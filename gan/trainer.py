@@ -263,6 +263,7 @@ def _roll_back(run: _Run, judgement: verdict.Judgement) -> None:
     run.make_initial,
     run.rollbacks,
     judgement.reasons,
+    run.health,
   )
   run.rollbacks += 1
   if parallel.is_main_process():
@@ -343,7 +344,7 @@ def _set_up(
   if step:
     state = _apply_changed_settings(state, changed)
   if parallel.is_main_process():
-    _write_config(workdir, config)  # only now: the checkpoint fits this config
+    _write_config(workdir, config, step)  # only now: the checkpoint fits this config
     _write_skip_list(workdir, source.skipped_files)
   run = _Run(
     config=config,
@@ -476,12 +477,13 @@ def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, restore_step: 
     steps = [restore_step]
   else:
     steps = ckpt.all_steps()[::-1]
-  if not steps:
+  if not steps and not ckpt.damaged():
     return state
   step, restored = ckpt.restore_first(steps, state)
   if step is None:
+    tried = sorted({*steps, *ckpt.damaged()})
     raise UserError(
-      f"no checkpoint in {ckpt.directory} can be read (steps {', '.join(map(str, steps))}); "
+      f"no checkpoint in {ckpt.directory} can be read (steps {', '.join(map(str, tried))}); "
       "move the directory away to start afresh"
     )
   logging.info("Restored the checkpoint of step %d from %s", step, ckpt.directory)
@@ -512,10 +514,36 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-    f.write("\n")
+def _write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+  """Writes WORKDIR/config.json. A resume from `step` with other settings first keeps the
+  previous file as config.<step>.json (config.<step>-2.json, ... when that is taken), so the
+  settings that trained each checkpoint stay on record."""
+  path = os.path.join(workdir, "config.json")
+  text = json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True) + "\n"
+  if step and os.path.exists(path):
+    with open(path) as f:
+      previous = f.read()
+    if previous != text:
+      _keep_previous_config(workdir, step, previous)
+  with open(f"{path}.tmp", "w") as f:  # then renamed: a crash never leaves half a config.json
+    f.write(text)
+  os.replace(f"{path}.tmp", path)
+
+
+def _keep_previous_config(workdir: str, step: int, text: str) -> None:
+  """Writes `text` to the first free name of config.<step>.json, config.<step>-2.json, ...,
+  unless one of them holds it already."""
+  for n in itertools.count(1):
+    path = os.path.join(workdir, f"config.{step}{f'-{n}' if n > 1 else ''}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        if f.read() == text:
+          return  # kept already
+      continue
+    with open(path, "w") as f:
+      f.write(text)
+    logging.info("The settings changed since step %d: the previous ones are kept in %s", step, path)
+    return
 
 
 SKIPPED_FILES = "skipped_files.tsv"

@@ -4,7 +4,8 @@
     python scripts/checkpoints.py rollback --workdir=runs/dcgan --step=12000
 
 `rollback` moves the checkpoints after --step to WORKDIR/checkpoints_aside/<time>/ (nothing is
-deleted), so the next `scripts/train.py` run with this workdir continues from --step.
+deleted), so the next `scripts/train.py` run with this workdir continues from --step. `list`
+shows a checkpoint whose metrics cannot be read as "damaged"; training never uses it.
 """
 
 import os
@@ -37,14 +38,14 @@ def _open(workdir: str) -> checkpointing.Checkpointer:
 
 
 def _list(ckpt: checkpointing.Checkpointer) -> None:
-  steps = ckpt.all_steps()
-  if not steps:
+  steps, damaged = ckpt.all_steps(), ckpt.damaged()
+  if not steps and not damaged:
     raise UserError(f"{ckpt.directory} holds no checkpoints")
   rows = [["step", "verdict", *(name for name, _, _ in _COLUMNS)]]
-  for step in steps:
-    metrics = ckpt.metrics(step) or {}
+  for step in sorted({*steps, *damaged}):
+    metrics = {} if step in damaged else ckpt.metrics(step) or {}
     cells = [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in _COLUMNS]
-    rows.append([str(step), verdict.verdict_of(metrics), *cells])
+    rows.append([str(step), "damaged" if step in damaged else verdict.verdict_of(metrics), *cells])
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   for row in rows:
     print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from conftest import run_script, tiny_config
 
+from configs import collapse_demo, dcgan, dense
 from gan import checkpointing, rollback, trainer
+from gan import config as config_lib
 from gan import state as state_lib
 from gan.data import synthetic_faces
+from gan.errors import UserError
 from gan.health import signals, verdict
 
 
@@ -111,9 +114,24 @@ def test_policy_never_drops_the_last_healthy_checkpoint(tmp_path):
   assert ckpt.steps_where(verdict.is_healthy, before=12) == [4]
 
 
+def _refuse(constant):
+  raise ValueError(f"{constant} is not JSON")
+
+
 def _rollbacks(workdir):
+  """The rollbacks a run recorded, read as strict JSON (no NaN or Infinity)."""
   with open(os.path.join(workdir, rollback.ROLLBACKS_FILE)) as f:
-    return [json.loads(line) for line in f]
+    return [json.loads(line, parse_constant=_refuse) for line in f]
+
+
+def _flip_bytes(workdir, step):
+  """Overwrites 8 bytes in the middle of the largest data file of a checkpoint, as a failing
+  disk would; Orbax alone would read the changed values back without complaint."""
+  data = os.path.join(workdir, "checkpoints", str(step), "default", "ocdbt.process_0", "d")
+  path = max((os.path.join(data, name) for name in os.listdir(data)), key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    f.write(b"\xa5" * 8)
 
 
 def _judge_only_non_finite(config):
@@ -159,6 +177,7 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
   assert event["g_lr"] == pytest.approx(0.5 * config.train.g_lr)
   assert float(state_lib.learning_rates(final)[1]) == pytest.approx(0.5 * config.train.d_lr)
   assert event["b1"] == 0.3
+  assert event["signals"]["nonfinite"] == 1.0
   assert float(final.g.opt_state.hyperparams["b1"]) == pytest.approx(0.3)
   assert float(final.d.opt_state.hyperparams["b1"]) == pytest.approx(0.3)
   assert int(final.step) == 8
@@ -167,6 +186,46 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
   assert verdict.is_healthy(done.metrics(8))
   aside = os.path.join(workdir, checkpointing.ASIDE_DIR)
   assert any("5" in os.listdir(os.path.join(aside, d)) for d in os.listdir(aside))
+
+
+@pytest.mark.slow
+def test_a_rollback_skips_a_healthy_checkpoint_whose_bytes_changed(workdir, caplog):
+  trainer.train_and_evaluate(
+    _judge_only_non_finite(tiny_config("dense", train__num_steps=4)), workdir
+  )
+  config = _judge_only_non_finite(tiny_config("dense", train__num_steps=8))
+  _poison(workdir, config, 4)
+  _flip_bytes(workdir, 4)
+
+  final = trainer.train_and_evaluate(config, workdir)
+
+  (event,) = _rollbacks(workdir)
+  assert (event["from_step"], event["to_step"]) == (6, 2)
+  assert "Skipping the checkpoint of step 4: it is damaged: its state does not match" in (
+    caplog.text
+  )
+  assert int(final.step) == 8
+
+
+def test_rollbacks_jsonl_is_strict_json_with_non_finite_values_as_null(tmp_path):
+  nan, inf = float("nan"), float("inf")
+  rollback.record(
+    str(tmp_path),
+    {"from_step": 6, "reason": "non-finite ms_ssim", "g_lr": inf, "signals": {"ms_ssim": nan}},
+  )
+  (event,) = _rollbacks(str(tmp_path))
+  assert (event["from_step"], event["g_lr"], event["signals"]) == (6, None, {"ms_ssim": None})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_learning_rate_is_refused_before_it_can_cause_rollbacks(value):
+  with pytest.raises(UserError, match="train.g_lr must be a finite number"):
+    config_lib.validate(tiny_config("dense", train__g_lr=float(value)))
+
+
+@pytest.mark.parametrize("recipe", [dcgan, dense, collapse_demo])
+def test_every_recipe_s_rollback_lowers_the_learning_rates_that_collapsed(recipe):
+  assert 0 < recipe.get_config().collapse.lr_factor < 1
 
 
 @pytest.mark.slow
@@ -188,12 +247,24 @@ def test_with_only_warm_up_checkpoints_a_rollback_starts_afresh(workdir):
   assert sorted(moved, key=int) == ["2", "4", "5"]
 
 
+_DAMAGE_WARNINGS = {
+  "truncated": "it cannot be read",
+  "missing": "it cannot be read",
+  "flipped": "it is damaged: its state does not match the checksum",
+  "metrics": "it is damaged, its metrics cannot be read",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
+@pytest.mark.parametrize("damage", list(_DAMAGE_WARNINGS))
 def test_a_damaged_checkpoint_is_skipped_with_a_warning_for_the_one_before(damage, workdir, caplog):
   trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   data = os.path.join(workdir, "checkpoints", "4", "default", "ocdbt.process_0", "d")
-  for name in os.listdir(data):
+  if damage == "flipped":
+    _flip_bytes(workdir, 4)
+  elif damage == "metrics":
+    open(os.path.join(workdir, "checkpoints", "4", "metrics", "metrics"), "w").close()
+  for name in os.listdir(data) if damage in ("truncated", "missing") else ():
     if damage == "missing":
       os.remove(os.path.join(data, name))
     else:
@@ -201,7 +272,7 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning_for_the_one_before(damag
 
   final = trainer.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
 
-  assert "Skipping the checkpoint of step 4: it cannot be read" in caplog.text
+  assert f"Skipping the checkpoint of step 4: {_DAMAGE_WARNINGS[damage]}" in caplog.text
   assert int(final.step) == 6
   (aside,) = os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR))
   assert os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR, aside)) == ["4"]
@@ -239,6 +310,22 @@ def test_checkpoints_script_lists_steps_and_rolls_back_by_hand(workdir):
   assert run_script("checkpoints.py", "list", f"--workdir={workdir}").stdout.count("unjudged") == 1
   resumed = trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   assert int(resumed.step) == 4
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_damaged_metrics_is_listed_as_such_and_training_goes_on(workdir):
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=6), workdir)
+  open(os.path.join(workdir, "checkpoints", "2", "metrics", "metrics"), "w").close()
+
+  listed = run_script("checkpoints.py", "list", f"--workdir={workdir}")
+  assert listed.returncode == 0, listed.stderr[-2000:]
+  assert "Traceback" not in listed.stderr
+  rows = [line.split()[:2] for line in listed.stdout.splitlines()[1:]]
+  assert rows == [["2", "damaged"], ["4", "unjudged"], ["6", "unjudged"]]
+  resumed = trainer.train_and_evaluate(tiny_config("dense", train__num_steps=8), workdir)
+  assert int(resumed.step) == 8
+  (aside,) = os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR))
+  assert os.listdir(os.path.join(workdir, checkpointing.ASIDE_DIR, aside)) == ["2"]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """One process at a time per workdir, and resumes that cannot fit refused before any write."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -84,3 +85,34 @@ def test_a_resume_with_other_networks_is_refused_and_writes_nothing(workdir, cha
   with pytest.raises(UserError, match=rf"other networks than this config's \({named}"):
     trainer.train_and_evaluate(tiny_config("dense", **changes), workdir)
   assert _digests(workdir) == before
+
+
+def _read(workdir: str, name: str) -> str:
+  with open(os.path.join(workdir, name)) as f:
+    return f.read()
+
+
+def test_a_resume_with_other_settings_keeps_the_previous_config_under_its_step(tmp_path):
+  workdir = str(tmp_path)
+  first, second, third = (tiny_config("dense", train__g_lr=rate) for rate in (1e-4, 2e-4, 3e-4))
+  trainer._write_config(workdir, first, 0)
+  trainer._write_config(workdir, second, 0)  # a fresh start: nothing trained with `first` is kept
+  kept = _read(workdir, "config.json")
+  trainer._write_config(workdir, second, 4)  # a resume with the same settings: nothing to keep
+  assert sorted(os.listdir(workdir)) == ["config.json"]
+
+  trainer._write_config(workdir, third, 4)
+  assert _read(workdir, "config.4.json") == kept
+  trainer._write_config(workdir, first, 4)  # another resume from step 4, other settings again
+  assert json.loads(_read(workdir, "config.4-2.json"))["train"]["g_lr"] == 3e-4
+  assert json.loads(_read(workdir, "config.json"))["train"]["g_lr"] == 1e-4
+  assert sorted(os.listdir(workdir)) == ["config.4-2.json", "config.4.json", "config.json"]
+
+
+@pytest.mark.slow
+def test_resuming_with_a_changed_learning_rate_keeps_the_old_config_json(workdir):
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
+  before = _read(workdir, "config.json")
+  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4, train__g_lr=1e-5), workdir)
+  assert _read(workdir, "config.2.json") == before
+  assert json.loads(_read(workdir, "config.json"))["train"]["g_lr"] == 1e-5
