@@ -24,6 +24,8 @@ def get_config(arg=None):
   model.base_width = 64  # channels of G's last hidden layer and D's first; doubling inwards
   model.conv_impl = "auto"  # xla | onednn (CPU kernels, kernels/) | auto: onednn where it runs
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  model.d_norm = "batch"  # D's normalisation: batch | layer | none (wgan_gp: layer or none)
+  default.discriminator_options(model)
 
   if arg == "synthetic":
     config.data.resolution = 32

@@ -9,6 +9,14 @@ import ml_collections
 ARGS = ("smoke", "synthetic", "cpu")
 
 
+def discriminator_options(model: ml_collections.ConfigDict) -> None:
+  """Adds D's options against collapse, which both families share, to a `model` section: all
+  off, as in the plain recipes (docs/collapse.md, "Preventing collapse")."""
+  model.d_spectral_norm = False  # spectral norm on each D layer (Miyato et al. 2018)
+  model.d_minibatch_std = False  # ProGAN's minibatch-std feature before D's last layer
+  model.d_pack = 1  # PacGAN: D judges this many images as one input; 1 is off
+
+
 def get_config(arg=None):
   """Returns the shared defaults: the anime-faces data, the DCGAN optimiser, the intervals."""
   config = ml_collections.ConfigDict()
@@ -31,7 +39,12 @@ def get_config(arg=None):
   # The PRNG behind every key: 'rbg' compiles several times faster than JAX's default
   # 'threefry2x32' on XLA:CPU and is as deterministic on one backend; another gives other numbers.
   train.prng_impl = "rbg"
-  train.loss = "non_saturating"  # non_saturating | hinge | least_squares
+  train.loss = "non_saturating"  # non_saturating | hinge | least_squares | wgan_gp
+  train.gp_gamma = 10.0  # wgan_gp only: the weight of its gradient penalty (the paper's 10)
+  # Against collapse (docs/collapse.md, "Preventing collapse"); 0 and '' are off.
+  train.r1_gamma = 0.0  # R1 penalty gamma / 2 * E||grad D(real)||^2 (Mescheder et al. 2018)
+  train.r1_every = 16  # R1 on every this-many D updates, scaled by this (StyleGAN2's lazy R1)
+  train.diffaugment = ""  # DiffAugment before D, e.g. 'color,translation,cutout' (Zhao et al.)
   train.g_lr = 2e-4  # generator Adam learning rate (DCGAN paper)
   train.d_lr = 2e-4  # discriminator Adam learning rate (DCGAN paper)
   train.b1 = 0.5  # Adam beta1: 0.5 rather than 0.9 steadies GAN training (DCGAN paper)

@@ -29,6 +29,7 @@ def get_config(arg=None):
   model.d_dropout = 0.3  # dropout after each of D's hidden layers, against memorising
   model.conv_impl = "auto"  # xla | onednn (CPU kernels, kernels/) | auto: onednn where it runs
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  default.discriminator_options(model)
 
   # Dense networks need more updates than convolutional ones for the same faces.
   config.train.num_steps = 40_000

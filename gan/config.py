@@ -10,11 +10,13 @@ import os
 from collections.abc import Sequence
 
 import ml_collections
+from absl import logging
 
 from gan import losses, models
 from gan.data import pipeline
 from gan.errors import UserError
 from gan.metrics import quality
+from gan.models import augment
 
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 _POSITIVE = (
@@ -66,13 +68,24 @@ def _choice(config, dotted: str, choices: Sequence[str]) -> str:
   return value
 
 
+def _boolean(config, dotted: str) -> bool:
+  value = _get(config, dotted)
+  if not isinstance(value, bool):
+    raise UserError(f"{dotted} must be True or False, got {value!r}")
+  return value
+
+
 def _check_model(config) -> None:
   name = _choice(config, "model.name", models.MODEL_NAMES)
   _choice(config, "model.dtype", tuple(models.DTYPES))
   _choice(config, "model.conv_impl", models.CONV_IMPLS)
+  _boolean(config, "model.d_spectral_norm")
+  _boolean(config, "model.d_minibatch_std")
+  _integer(config, "model.d_pack", 1)
   resolution = _integer(config, "data.resolution", 1)
   if name == "dcgan":
     _integer(config, "model.base_width", 1)
+    _choice(config, "model.d_norm", models.DCGAN_D_NORMS)
     if resolution < 16 or resolution & (resolution - 1):
       raise UserError(
         f"dcgan cannot make {resolution} px images: it doubles 4x4 up, so data.resolution must "
@@ -106,6 +119,57 @@ def _check_train(config) -> None:
     _number(config, rate, 0, math.inf, open_low=True)
   for beta in ("train.b1", "train.b2"):
     _number(config, beta, 0, 1)
+  _check_regularizers(config)
+
+
+def _check_regularizers(config) -> None:
+  _number(config, "train.r1_gamma", 0, math.inf)
+  _integer(config, "train.r1_every", 1)
+  _number(config, "train.gp_gamma", 0, math.inf)
+  policy = _get(config, "train.diffaugment")
+  if not isinstance(policy, str):
+    raise UserError(
+      f"train.diffaugment must be a string such as 'color,translation', got {policy!r}"
+    )
+  names = augment.parse(policy)
+  for name in names:
+    if name not in augment.NAMES:
+      raise UserError(
+        f"unknown train.diffaugment transform {name!r}; choose from {', '.join(augment.NAMES)}"
+      )
+  if len(set(names)) < len(names):
+    raise UserError(f"train.diffaugment names a transform twice: {policy!r}")
+  batch, pack = config.train.batch_size, config.model.d_pack
+  if batch % pack:
+    raise UserError(f"train.batch_size ({batch}) must be a multiple of model.d_pack ({pack})")
+  if config.train.loss != "wgan_gp":
+    return
+  if config.train.gp_gamma <= 0:
+    raise UserError("train.loss=wgan_gp needs train.gp_gamma > 0 (the paper's is 10)")
+  if config.model.get("d_norm") == "batch":
+    raise UserError(
+      "train.loss=wgan_gp penalises each sample's gradient, which BatchNorm mixes across the "
+      "batch: set model.d_norm=layer (as the WGAN-GP paper) or none"
+    )
+
+
+def _needs_second_derivatives(config) -> bool:
+  """Whether D's loss differentiates D's gradient (R1, WGAN-GP), which the CPU kernels cannot."""
+  return config.train.r1_gamma > 0 or config.train.loss == "wgan_gp"
+
+
+def _resolve_conv_impl(config) -> str:
+  needs_second_derivatives = _needs_second_derivatives(config)
+  if needs_second_derivatives and config.model.conv_impl == "onednn":
+    raise UserError(
+      "model.conv_impl=onednn cannot differentiate D's gradient, which train.r1_gamma > 0 and "
+      "train.loss=wgan_gp need: use model.conv_impl=xla or auto"
+    )
+  conv_impl = models.resolve_conv_impl(config.model.conv_impl, config.model.dtype)
+  if conv_impl != "onednn" or not needs_second_derivatives:
+    return conv_impl
+  logging.info("model.conv_impl=auto: xla, since the gradient penalty differentiates twice.")
+  return "xla"
 
 
 def _check_evaluation(config) -> None:
@@ -175,5 +239,5 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _integer(config, "mesh.data_axis_size", 0)
   resolved = config.copy_and_resolve_references()
   resolved.data.path = os.path.expanduser(config.data.path)  # `--config.data.path=~/...`
-  resolved.model.conv_impl = models.resolve_conv_impl(config.model.conv_impl, config.model.dtype)
+  resolved.model.conv_impl = _resolve_conv_impl(config)
   return resolved

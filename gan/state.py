@@ -3,7 +3,8 @@
     TrainState
       step        generator updates done
       rng         the root key (typed, of `train.prng_impl`); step keys are fold_in(rng, step)
-      g, d        NetState each: params, batch_stats, opt_state
+      g, d        NetState each: params, batch_stats (BatchNorm's, and spectral norm's power
+                  iteration), opt_state
       ema         exponential moving average of g.params, used for samples and evaluation
 
 It is a plain pytree of arrays: Orbax saves it as it is, sharding places it, and a rollback
@@ -33,7 +34,8 @@ ROLLBACK_KEY = 2**32 - 5  # minus the number of earlier rollbacks
 
 @flax.struct.dataclass
 class NetState:
-  """One network's trainable state: what its optimiser updates and what BatchNorm tracks."""
+  """One network's trainable state: what its optimiser updates and what BatchNorm (and spectral
+  norm's power iteration) tracks."""
 
   params: dict
   batch_stats: dict
@@ -60,6 +62,7 @@ class Networks:
   g_optimizer: optax.GradientTransformation
   d_optimizer: optax.GradientTransformation
   latent_dim: int
+  d_pack: int = 1  # images D judges together (PacGAN): its logits are [batch / d_pack]
 
 
 def root_key(config: ml_collections.ConfigDict) -> jax.Array:
@@ -108,6 +111,7 @@ def create_train_state(
     g_optimizer=_adam(config, config.train.g_lr),
     d_optimizer=_adam(config, config.train.d_lr),
     latent_dim=config.model.latent_dim,
+    d_pack=models.d_options(config.model)["pack"],
   )
 
   @functools.partial(jax.jit, out_shardings=mesh and parallel.replicated(mesh))

@@ -12,7 +12,12 @@ import optax
 from flax import nnx
 
 from gan import losses
+from gan.models import augment
 from gan.state import NetState, Networks, TrainState
+
+# Folded into an update's key for its other draws (its split gives the noise and dropout keys).
+_AUGMENT_KEY = 2**32 - 1
+_PENALTY_KEY = 2**32 - 2
 
 
 def _apply(graph, net: NetState | dict, x, *, params=None, rngs=None, **kwargs):
@@ -35,14 +40,67 @@ def generate(nets: Networks, params, batch_stats, z: jax.Array) -> jax.Array:
   return module(z, train=True)
 
 
-def discriminator_loss(nets: Networks, loss: str, d: NetState, params, real, fake, key):
-  """D's loss on a real and a generated batch; returns it with (new batch stats, logits)."""
+def _augment(config: ml_collections.ConfigDict, images, rng):
+  """`images` through `train.diffaugment`'s transforms, drawn from an update's key `rng` (the
+  images as they are when it is ''): real and generated batches of one update get the same."""
+  if not config.diffaugment:
+    return images
+  return augment.augment(images, config.diffaugment, jax.random.fold_in(rng, _AUGMENT_KEY))
+
+
+def _input_gradient_norms(nets: Networks, d: NetState, params, x, key):
+  """The squared norm of the gradient of D's logits with respect to its inputs, one per logit
+  (a pack of `nets.d_pack` images); D's statistics from this pass are discarded."""
+
+  def total(inputs):
+    logits, _ = _apply(nets.discriminator, d, inputs, params=params, rngs=nnx.Rngs(dropout=key))
+    return jnp.sum(logits)
+
+  grads = jax.grad(total)(x).astype(jnp.float32)
+  return jnp.sum(jnp.square(grads).reshape(x.shape[0] // nets.d_pack, -1), axis=1)
+
+
+def _gradient_penalty(nets: Networks, config, d: NetState, params, real, fake, key):
+  """WGAN-GP's penalty at random points between the real and the generated inputs: one point of
+  the line between each real and generated pack."""
+  mix_key, drop_key = jax.random.split(key)
+  mix = jax.random.uniform(mix_key, (real.shape[0] // nets.d_pack, 1, 1, 1))
+  mix = jnp.repeat(mix, nets.d_pack, axis=0)
+  between = mix * real + (1 - mix) * fake
+  norms = _input_gradient_norms(nets, d, params, between, drop_key)
+  return losses.gradient_penalty(norms, config.gp_gamma)
+
+
+def discriminator_loss(nets: Networks, config, d: NetState, params, real, fake, key):
+  """D's loss on a real and a generated batch (with wgan_gp's penalty); returns it with (new
+  batch stats, real logits, fake logits, {penalty name: value}). `config` is `train`."""
   rngs = nnx.Rngs(dropout=key)
   real_logits, stats = _apply(nets.discriminator, d, real, params=params, rngs=rngs)
   d = d.replace(batch_stats=stats)
   fake_logits, stats = _apply(nets.discriminator, d, fake, params=params, rngs=rngs)
-  d_loss = losses.discriminator_loss(loss, real_logits, fake_logits)
-  return d_loss, (stats, real_logits, fake_logits)
+  d_loss = losses.discriminator_loss(config.loss, real_logits, fake_logits)
+  penalties = {}
+  if config.loss == "wgan_gp":
+    d = d.replace(batch_stats=stats)
+    penalty_key = jax.random.fold_in(key, _PENALTY_KEY)
+    penalties["d_gp"] = _gradient_penalty(nets, config, d, params, real, fake, penalty_key)
+    d_loss = d_loss + penalties["d_gp"]
+  return d_loss, (stats, real_logits, fake_logits, penalties)
+
+
+def _r1(nets: Networks, config, d: NetState, real, key):
+  """R1's value and gradient for D's params on this update: `train.r1_every` times the penalty on
+  every r1_every-th D update, nothing between (StyleGAN2's lazy regularisation)."""
+
+  def penalty(params):
+    norms = _input_gradient_norms(nets, d, params, real, key)
+    return losses.r1_penalty(norms, config.r1_gamma * config.r1_every)
+
+  def skip(params):
+    return jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params)
+
+  due = d.opt_state.count % config.r1_every == 0  # D updates done so far
+  return jax.lax.cond(due, jax.value_and_grad(penalty), skip, d.params)
 
 
 def _update(net: NetState, optimizer, grads, batch_stats) -> NetState:
@@ -55,9 +113,14 @@ def d_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainState,
   z_key, drop_key = jax.random.split(rng)
   z = jax.random.normal(z_key, (real.shape[0], nets.latent_dim))
   fake, g_stats = _apply(nets.generator, state.g, z)
-  (d_loss, (d_stats, real_logits, fake_logits)), grads = jax.value_and_grad(
+  real, fake = (_augment(config, x, rng) for x in (real, jax.lax.stop_gradient(fake)))
+  (d_loss, (d_stats, real_logits, fake_logits, penalties)), grads = jax.value_and_grad(
     discriminator_loss, argnums=3, has_aux=True
-  )(nets, config.loss, state.d, state.d.params, real, jax.lax.stop_gradient(fake), drop_key)
+  )(nets, config, state.d, state.d.params, real, fake, drop_key)
+  if config.r1_gamma > 0:
+    d = state.d.replace(batch_stats=d_stats)
+    penalties["d_r1"], r1_grads = _r1(nets, config, d, real, jax.random.fold_in(rng, _PENALTY_KEY))
+    grads = jax.tree.map(jnp.add, grads, r1_grads)
   state = state.replace(
     d=_update(state.d, nets.d_optimizer, grads, d_stats),
     g=state.g.replace(batch_stats=g_stats),
@@ -67,6 +130,7 @@ def d_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainState,
     "d_real": jnp.mean(jax.nn.sigmoid(real_logits)),
     "d_fake": jnp.mean(jax.nn.sigmoid(fake_logits)),
     "d_grad_norm": optax.global_norm(grads),
+    **penalties,
   }
   return state, metrics
 
@@ -78,6 +142,7 @@ def g_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainState,
 
   def loss_fn(g_params):
     fake, g_stats = _apply(nets.generator, state.g, z, params=g_params)
+    fake = _augment(config, fake, rng)
     # D's statistics from this pass are discarded: only its own update moves them.
     logits, _ = _apply(nets.discriminator, state.d, fake, rngs=nnx.Rngs(dropout=drop_key))
     return losses.generator_loss(config.loss, logits), g_stats

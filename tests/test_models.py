@@ -94,6 +94,37 @@ def test_discriminator_gives_one_finite_float32_logit_per_image(name, resolution
   assert np.all(np.isfinite(logits))
 
 
+_EVERY_D_OPTION = dict(d_spectral_norm=True, d_minibatch_std=True, d_pack=2, conv_impl="xla")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_discriminator_with_every_option_gives_one_float32_logit_per_pack(name, dtype):
+  overrides = dict(_EVERY_D_OPTION, dtype=dtype, **({"d_norm": "layer"} if name == "dcgan" else {}))
+  _, discriminator = _models(name, **overrides)
+  graphdef, params, batch_stats = nnx.split(discriminator, nnx.Param, nnx.BatchStat)
+  assert {x.dtype for x in jax.tree.leaves((params, batch_stats))} == {np.dtype("float32")}
+  logits = _discriminate(discriminator, _images(8, 32), train=True, rngs=nnx.Rngs(dropout=0))
+  assert logits.shape == (4,) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+
+
+def test_each_discriminator_option_adds_only_the_parameters_it_needs():
+  def extra(name, **options):
+    return count_params(_models(name, **options)[1]) - count_params(_models(name)[1])
+
+  # DCGAN at 32 px, base width 8: stem 4x4x3x8; downs 8->16->32 with BN (2 * (16 + 32)).
+  assert extra("dcgan", d_pack=2) == 16 * 3 * 8  # three more input channels in the stem
+  assert extra("dcgan", d_minibatch_std=True) == 16  # one more channel into the 4x4 logit conv
+  assert extra("dcgan", d_spectral_norm=True) == 0  # its vectors are batch stats
+  assert extra("dcgan", d_norm="layer") == 0  # a scale and a bias per channel, as BatchNorm
+  assert extra("dcgan", d_norm="none") == -(16 + 32)  # conv biases instead of BN's two
+  # Dense at 32 px, d_widths (64, 32).
+  assert extra("dense", d_pack=2) == 32 * 32 * 3 * 64
+  assert extra("dense", d_minibatch_std=True) == 1
+  assert extra("dense", d_spectral_norm=True) == 0
+
+
 def test_dcgan_makes_128px_images():
   generator, discriminator = nnx.eval_shape(lambda: _models("dcgan", 128))
   images = nnx.eval_shape(lambda g, z: g(z, train=False), generator, jnp.zeros((2, 16)))

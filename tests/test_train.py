@@ -48,7 +48,7 @@ def test_discriminator_update_lowers_its_loss_on_a_fixed_batch():
 
   def loss_of(s):
     return float(
-      step_lib.discriminator_loss(nets, "non_saturating", s.d, s.d.params, real, fake, key)[0]
+      step_lib.discriminator_loss(nets, config.train, s.d, s.d.params, real, fake, key)[0]
     )
 
   before = loss_of(state)
@@ -117,7 +117,7 @@ def test_d_steps_runs_that_many_discriminator_updates():
   assert int(state.g.opt_state.count) == 1
 
 
-@pytest.mark.parametrize("name", ["non_saturating", "hinge", "least_squares"])
+@pytest.mark.parametrize("name", ["non_saturating", "hinge", "least_squares", "wgan_gp"])
 def test_each_loss_rewards_d_for_telling_real_from_fake(name):
   confident = losses.discriminator_loss(name, jnp.full(8, 5.0), jnp.full(8, -5.0))
   fooled = losses.discriminator_loss(name, jnp.full(8, -5.0), jnp.full(8, 5.0))

@@ -8,7 +8,11 @@ pass `copy=True`: BatchNorm writes its statistics there, and State Variables tha
 enclosing trace cannot be written in it (TraceContextError).
 
     generator(z, *, train) -> images [B, R, R, 3] in [-1, 1], float32
-    discriminator(x, *, train, rngs=None) -> logits [B], float32
+    discriminator(x, *, train, rngs=None) -> logits [B / model.d_pack], float32
+
+D's options against collapse (`model.d_spectral_norm`, `model.d_minibatch_std`, `model.d_pack`)
+are off where a config has none, as in a run recorded before they existed. Spectral norm's
+power-iteration state is `nnx.BatchStat` too.
 
 `model.conv_impl` says what computes the layers (`resolve_conv_impl`); nothing else here depends
 on it.
@@ -32,6 +36,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONV_IMPLS = ("auto", "xla", "onednn")
 ACTIVATIONS = tuple(layers.ACTIVATIONS)
 G_NORMS, D_NORMS = dense.G_NORMS, dense.D_NORMS
+DCGAN_D_NORMS = dcgan.D_NORMS
 
 
 def _why_not_onednn(dtype: str) -> str | None:
@@ -73,6 +78,15 @@ def resolve_conv_impl(conv_impl: str, dtype: str) -> str:
   return "xla"
 
 
+def d_options(model_config: ml_collections.ConfigDict) -> dict:
+  """D's options against collapse, as the discriminators' keyword arguments."""
+  return dict(
+    spectral_norm=bool(model_config.get("d_spectral_norm", False)),
+    minibatch_std=bool(model_config.get("d_minibatch_std", False)),
+    pack=int(model_config.get("d_pack", 1)),
+  )
+
+
 def create_models(
   model_config: ml_collections.ConfigDict, resolution: int, *, rngs: nnx.Rngs
 ) -> tuple[nnx.Module, nnx.Module]:
@@ -91,7 +105,12 @@ def create_models(
     width = model_config.base_width
     return (
       dcgan.Generator(latent_dim=model_config.latent_dim, base_width=width, **common),
-      dcgan.Discriminator(base_width=width, **common),
+      dcgan.Discriminator(
+        base_width=width,
+        norm=model_config.get("d_norm", "batch"),
+        **d_options(model_config),
+        **common,
+      ),
     )
   return (
     dense.Generator(
@@ -105,6 +124,7 @@ def create_models(
       widths=tuple(model_config.d_widths),
       norm=model_config.d_norm,
       dropout=float(model_config.d_dropout),
+      **d_options(model_config),
       **common,
     ),
   )

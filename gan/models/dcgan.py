@@ -4,7 +4,10 @@ G: z -> Linear to 4x4x(base_width * R/8) -> BN -> ReLU, then k4-s2 upsampling bl
 (UpConv -> BN -> ReLU) halving the width up to R/2 x R/2 x base_width, then UpConv to R x R x 3
 and tanh. For R = 64: 4x4x512 -> 8x8x256 -> 16x16x128 -> 32x32x64 -> 64x64x3.
 D mirrors it: k4-s2 conv 3 -> base_width, LeakyReLU(0.2); k4-s2 conv -> BN -> LeakyReLU doubling
-the width down to 4x4; a 4x4 valid conv to one logit.
+the width down to 4x4; a 4x4 valid conv to one logit. D's options: its norm (`batch`, or `layer`
+or `none` for the losses that judge each sample alone, such as wgan_gp), spectral norm on every
+conv, the minibatch-std channel joining the 4x4 features before the logit, and packing m images
+channel-wise into one input (PacGAN).
 
 Layers followed by BatchNorm have no bias (BN's own bias makes it redundant); the others do.
 """
@@ -31,6 +34,20 @@ def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
     dtype=dtype,
     rngs=rngs,
   )
+
+
+D_NORMS = ("batch", "layer", "none")
+
+
+def _d_norm(kind: str, features: int, dtype, rngs: nnx.Rngs) -> nnx.Module | None:
+  if kind == "batch":
+    return _batch_norm(features, dtype, rngs)
+  if kind == "layer":
+    # Over each sample's whole feature map, as in the WGAN-GP paper's critic; scale per channel.
+    return nnx.LayerNorm(
+      features, epsilon=_BN_EPSILON, reduction_axes=(-3, -2, -1), dtype=dtype, rngs=rngs
+    )
+  return None
 
 
 def _num_doublings(resolution: int) -> int:
@@ -94,29 +111,49 @@ class Generator(nnx.Module):
 
 
 class Discriminator(nnx.Module):
-  """Maps images [B, R, R, 3] to logits [B], float32."""
+  """Maps images [B, R, R, 3] to logits [B / pack], float32."""
 
   def __init__(
-    self, *, resolution: int, base_width: int, conv_impl: str, dtype=jnp.float32, rngs: nnx.Rngs
+    self,
+    *,
+    resolution: int,
+    base_width: int,
+    conv_impl: str,
+    norm: str = "batch",
+    spectral_norm: bool = False,
+    minibatch_std: bool = False,
+    pack: int = 1,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
   ):
+    def weights(layer):
+      return layers.SpectralNorm(layer, rngs=rngs) if spectral_norm else layer
+
     width = base_width
     self.dtype = dtype
+    self.pack_size = pack
+    self.minibatch_std = minibatch_std
     conv_args = dict(kernel_init=layers.dcgan_kernel_init, dtype=dtype, rngs=rngs)
-    self.stem = layers.DownConv(3, width, conv_impl=conv_impl, **conv_args)
+    self.stem = weights(layers.DownConv(3 * pack, width, conv_impl=conv_impl, **conv_args))
     downs, norms = [], []
     for _ in range(_num_doublings(resolution) - 1):
-      downs.append(
-        layers.DownConv(width, 2 * width, use_bias=False, conv_impl=conv_impl, **conv_args)
+      down = layers.DownConv(
+        width, 2 * width, use_bias=norm == "none", conv_impl=conv_impl, **conv_args
       )
-      norms.append(_batch_norm(2 * width, dtype, rngs))
+      downs.append(weights(down))
+      norms.append(_d_norm(norm, 2 * width, dtype, rngs))
       width *= 2
     self.downs = nnx.List(downs)
     self.norms = nnx.List(norms)
-    self.to_logit = nnx.Conv(width, 1, (4, 4), padding="VALID", **conv_args)
+    width += int(minibatch_std)
+    self.to_logit = weights(nnx.Conv(width, 1, (4, 4), padding="VALID", **conv_args))
 
   def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
     del rngs  # No dropout here; the argument keeps the interface of every discriminator.
-    x = layers.leaky_relu(self.stem(x.astype(self.dtype)))
+    x = layers.pack(x.astype(self.dtype), self.pack_size)
+    x = layers.leaky_relu(layers.call(self.stem, x, train))
     for down, norm in zip(self.downs, self.norms, strict=True):
-      x = layers.leaky_relu(norm(down(x), use_running_average=not train))
-    return self.to_logit(x).reshape(x.shape[0]).astype(jnp.float32)
+      x = layers.leaky_relu(layers.normalize(norm, layers.call(down, x, train), train))
+    if self.minibatch_std:
+      x = layers.minibatch_std(x)
+    return layers.call(self.to_logit, x, train).reshape(x.shape[0]).astype(jnp.float32)

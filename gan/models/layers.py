@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: the k4-s2 layers, Linear, DCGAN init, activations.
+"""Building blocks shared by the model families: the k4-s2 layers, Linear, DCGAN init, activations,
+and the discriminators' options against collapse (spectral norm, minibatch std, packing).
 
 Each layer takes `conv_impl`, already resolved (`gan.models.resolve_conv_impl`): 'xla' computes
 it with lax on any backend; 'onednn' with the CPU kernels of the optional package
@@ -200,3 +201,71 @@ class Linear(nnx.Linear):
       return super().__call__(x)
     bias = None if self.bias is None else self.bias[...]
     return cpu_kernels().dense(x.astype(self.dtype), kernel, bias)
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  return x * lax.rsqrt(jnp.sum(jnp.square(x)) + 1e-12)
+
+
+class SpectralNorm(nnx.Module):
+  """A weight layer (Linear or convolution) whose kernel, as the matrix [-1, C_out], is divided by
+  its largest singular value (Miyato et al. 2018).
+
+  The singular value is estimated by one step of power iteration per call from the vector `u`, an
+  `nnx.BatchStat`: it rides in the train state's batch_stats, is checkpointed with them, and
+  advances only in training. The layer's parameters are left as they are (nnx.SpectralNorm
+  writes the normalised kernel into them); since the layer is linear in its kernel, dividing its
+  input by the singular value computes the same.
+  """
+
+  def __init__(self, layer: nnx.Module, *, rngs: nnx.Rngs):
+    self.layer = layer
+    features = layer.kernel.shape[-1]
+    self.u = nnx.BatchStat(_unit(jax.random.normal(rngs.params(), (features,), jnp.float32)))
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    kernel = self.layer.kernel[...]
+    matrix = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+    v = _unit(matrix @ self.u[...])
+    u = _unit(v @ matrix)
+    v, u = lax.stop_gradient((v, u))
+    if train:
+      self.u[...] = u
+    sigma = v @ matrix @ u  # the gradient flows through the estimate, as in the paper
+    return self.layer(x / sigma.astype(x.dtype))
+
+
+def call(layer: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
+  """Calls a weight layer, spectrally normalised or not."""
+  if isinstance(layer, SpectralNorm):
+    return layer(x, train=train)
+  return layer(x)
+
+
+def normalize(norm: nnx.Module | None, x: jax.Array, train: bool) -> jax.Array:
+  """Applies a normalisation layer (None: none); BatchNorm uses its batch's statistics in
+  training and its running averages otherwise."""
+  if norm is None:
+    return x
+  if isinstance(norm, nnx.BatchNorm):
+    return norm(x, use_running_average=not train)
+  return norm(x)
+
+
+def minibatch_std(x: jax.Array) -> jax.Array:
+  """`x` [B, ..., C] with one more feature [B, ..., C + 1]: the standard deviation of each
+  feature and position over the batch, averaged to one number, the same for every sample
+  (ProGAN, Karras et al. 2018). A batch of near-identical samples shows as a near-zero feature,
+  which D can see however each sample looks alone. Computed in float32."""
+  std = jnp.sqrt(jnp.var(x.astype(jnp.float32), axis=0) + 1e-8)
+  feature = jnp.broadcast_to(jnp.mean(std).astype(x.dtype), (*x.shape[:-1], 1))
+  return jnp.concatenate([x, feature], axis=-1)
+
+
+def pack(x: jax.Array, size: int) -> jax.Array:
+  """PacGAN's packing (Lin et al. 2018): each `size` consecutive samples become one input with
+  `size` times the features on the last axis, [B, ..., C] -> [B / size, ..., size * C]."""
+  if size == 1:
+    return x
+  groups = x.reshape(x.shape[0] // size, size, *x.shape[1:])
+  return jnp.moveaxis(groups, 1, -2).reshape(*groups.shape[:1], *x.shape[1:-1], -1)
