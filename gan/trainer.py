@@ -269,12 +269,14 @@ def _roll_back(run: _Run, judgement: verdict.Judgement) -> None:
   if parallel.is_main_process():
     rollback.record(run.workdir, event)
   run.writer.write_scalars(run.step, {"collapse/rollbacks": run.rollbacks})
-  run.writer = monitoring.next_attempt(  # the abandoned steps stay in a TensorBoard run of their own
-    run.writer,
-    run.workdir,
-    (run.step, event["to_step"]),
-    run.config.to_dict(),
-    monitoring.rollback_markdown(event),
+  run.writer = (
+    monitoring.next_attempt(  # the abandoned steps stay in a TensorBoard run of their own
+      run.writer,
+      run.workdir,
+      (run.step, event["to_step"]),
+      run.config.to_dict(),
+      monitoring.rollback_markdown(event),
+    )
   )
   logging.warning(
     "Rolled back from step %d to step %d (rollback %d of at most %d): %s",
