@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, plain_leaves, run_script, tiny_config
 
-from configs import dcgan
+from configs import dcgan, dense
 from gan import checkpointing, trainer
 from gan import state as state_lib
 
@@ -160,3 +160,58 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_earlier_ones
 )
 def test_a_failed_write_is_reported_in_the_operating_system_s_words(error, reason):
   assert checkpointing.write_failure_reason(error).startswith(reason)
+
+
+# A dense run whose state (about 120 MB with Adam's moments and the EMA) takes a while to save:
+# long enough to send a second signal while the stop's save is being written.
+_LARGE_STATE = (
+  "--config=configs/dense.py:smoke",
+  "--config.model.g_widths=(1024,1024)",
+  "--config.model.d_widths=(1024,1024)",
+  "--config.train.num_steps=100000",
+  "--config.checkpoint.every=100000",
+  "--config.eval.every=100000",
+  "--config.eval.metrics=()",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_during_the_stop_s_save_neither_cuts_it_short_nor_fails(sig, workdir):
+  process = subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={workdir}"]
+    + list(_LARGE_STATE),
+    cwd=ROOT,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  for line in process.stderr:  # training has started once a progress line appears
+    if "img/s" in line:
+      break
+  process.send_signal(sig)
+  for line in process.stderr:  # the stop's save is under way, in the background
+    if "Stopped by" in line:
+      break
+  # The same signal again, and again, as an impatient user would, until the save is complete:
+  # some land while the trainer waits for it.
+  directory = os.path.join(workdir, "checkpoints")
+  sent = 0
+  while process.poll() is None and any("tmp" in d for d in _listing(directory)):
+    process.send_signal(sig)
+    sent += 1
+    time.sleep(0.01)
+  assert sent, "the save was complete before a second signal could be sent"
+
+  rest = process.stderr.read()
+  assert process.wait(timeout=300) == 0, rest[-3000:]
+  ckpt = checkpointing.Checkpointer(directory)
+  (step,) = ckpt.all_steps()
+  assert not [d for d in _listing(directory) if "tmp" in d]
+  config = dense.get_config("smoke")
+  config.model.g_widths = config.model.d_widths = (1024, 1024)
+  _, template = state_lib.create_train_state(config)
+  assert int(ckpt.restore(step, template).step) == step  # whole: its checksum matches
+
+
+def _listing(directory: str) -> list[str]:
+  return os.listdir(directory) if os.path.isdir(directory) else []
