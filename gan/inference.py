@@ -44,6 +44,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
       f"{path} is not a training run's config (it has no section {', '.join(missing)}): "
       "put the run's own config.json back, or use another workdir"
     )
+  for name, off in models.D_OPTIONS_OFF.items():
+    # A run recorded before D's options against collapse existed ran without them.
+    recorded["model"].setdefault(name, off)
   return ml_collections.ConfigDict(recorded)
 
 

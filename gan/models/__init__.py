@@ -78,12 +78,21 @@ def resolve_conv_impl(conv_impl: str, dtype: str) -> str:
   return "xla"
 
 
+# D's options against collapse as a config without them means them: off (a run recorded before
+# they existed, or a model section built by hand). Only the DCGAN D reads d_norm from here.
+D_OPTIONS_OFF = {"d_norm": "batch", "d_spectral_norm": False, "d_minibatch_std": False, "d_pack": 1}
+
+
 def d_options(model_config: ml_collections.ConfigDict) -> dict:
   """D's options against collapse, as the discriminators' keyword arguments."""
+
+  def get(name):
+    return model_config.get(name, D_OPTIONS_OFF[name])
+
   return dict(
-    spectral_norm=bool(model_config.get("d_spectral_norm", False)),
-    minibatch_std=bool(model_config.get("d_minibatch_std", False)),
-    pack=int(model_config.get("d_pack", 1)),
+    spectral_norm=bool(get("d_spectral_norm")),
+    minibatch_std=bool(get("d_minibatch_std")),
+    pack=int(get("d_pack")),
   )
 
 
@@ -107,7 +116,7 @@ def create_models(
       dcgan.Generator(latent_dim=model_config.latent_dim, base_width=width, **common),
       dcgan.Discriminator(
         base_width=width,
-        norm=model_config.get("d_norm", "batch"),
+        norm=model_config.get("d_norm", D_OPTIONS_OFF["d_norm"]),
         **d_options(model_config),
         **common,
       ),
