@@ -3,12 +3,15 @@ WGAN-GP, DiffAugment, the minibatch-std feature and PacGAN packing; and a short 
 
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import plain_leaves, tiny_config
+from conftest import ROOT, plain_leaves, tiny_config
 from flax import nnx
 
 from gan import config as config_lib
@@ -372,3 +375,61 @@ def test_a_run_with_every_option_is_finite_and_resumes_bit_for_bit(family, tmp_p
   assert all(np.all(np.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
   for a, b in zip(plain_leaves(resumed), leaves, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["dcgan", "dense"])
+def test_every_option_trains_in_bfloat16_with_float32_weights(family):
+  norm = {"model__d_norm": "layer"} if family == "dcgan" else {}
+  config = config_lib.validate(
+    tiny_config(family, model__dtype="bfloat16", **_EVERY_OPTION, **norm)
+  )
+  nets, state = state_lib.create_train_state(config)
+  step = jax.jit(functools.partial(step_lib.train_step, nets, config.train))
+  for i in range(3):
+    batch = {"image": _images(8, config.data.resolution, seed=i)}
+    state, metrics = step(state, batch, jax.random.fold_in(state.rng, i))
+  assert {"d_gp", "d_r1"} <= set(metrics)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  weights = [state.g.params, state.d.params, state.d.batch_stats, state.ema]
+  assert {x.dtype for x in jax.tree.leaves(weights)} == {np.dtype("float32")}
+
+
+# Runs in a fresh Python that sees 8 CPU devices; prints the largest gap between the states,
+# relative to each array's largest value (at least 1): the penalties make D's gradients, and so
+# its Adam moments, large.
+_ON_EIGHT_DEVICES = """
+import json, sys
+import numpy as np
+from conftest import plain_leaves, tiny_config
+from gan import trainer
+from test_regularizers import _EVERY_OPTION
+
+def run(name, devices):
+  config = tiny_config("dcgan", model__d_norm="layer", mesh__data_axis_size=devices,
+                       **_EVERY_OPTION)
+  config.eval.metrics = ()
+  return trainer.train_and_evaluate(config, f"{sys.argv[1]}/{name}")
+
+def gap(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a)))))
+
+pairs = zip(plain_leaves(run("one", 1)), plain_leaves(run("eight", 8)), strict=True)
+print(json.dumps(max(gap(a, b) for a, b in pairs)))
+"""
+
+
+@pytest.mark.slow
+def test_every_option_on_eight_devices_computes_what_one_does(tmp_path):
+  """Packing and the minibatch std span the whole batch, which the devices split."""
+  result = subprocess.run(
+    [sys.executable, "-c", _ON_EIGHT_DEVICES, str(tmp_path)],
+    cwd=os.path.join(ROOT, "tests"),
+    env={**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1]) < 1e-5
