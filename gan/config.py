@@ -181,6 +181,11 @@ def _check_evaluation(config) -> None:
       f"({config.eval.every}), so that every checkpoint carries a fresh health verdict"
     )
   quality.check_names(config.eval.metrics)
+  if "modes" in config.eval.metrics and config.data.source != "synthetic_faces":
+    raise UserError(
+      f"eval.metrics 'modes' counts the modes of synthetic_faces, which data.source "
+      f"{config.data.source} does not have: leave it out"
+    )
   if config.eval.metrics:
     _integer(config, "eval.num_samples", 2)
 

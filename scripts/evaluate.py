@@ -7,6 +7,11 @@ default) and compares them with as many training images. All metrics but swd nee
 Inception weights, downloaded into ~/.cache/gan on first use (see README). When they cannot be
 had, metrics asked for with --metrics are an error of one line; metrics taken from the run's
 eval.metrics are skipped with a warning.
+
+    python scripts/evaluate.py --workdir=runs/dcgan_synthetic --metrics=modes
+
+counts the modes of a synthetic_faces run as PacGAN counts Stacked-MNIST's: 26,000 samples by
+default, and as many real images, each read by the project's mode classifier.
 """
 
 import json
@@ -15,13 +20,17 @@ import os
 from absl import flags, logging
 
 from gan import cli
+from gan.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint to evaluate; the latest by default.")
 _METRICS = flags.DEFINE_list(
   "metrics", None, "Metrics to compute; the run's eval.metrics by default."
 )
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Images per set; the run's by default.")
+_NUM_SAMPLES = flags.DEFINE_integer(
+  "num_samples", None, "Images per set; the run's by default (26,000 for --metrics=modes)."
+)
+_MODES_SAMPLES = 26_000  # PacGAN's protocol for counting Stacked-MNIST's 1,000 modes
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generator noise and the metrics' randomness.")
 
 
@@ -37,9 +46,14 @@ def main(argv):
 
   config, nets, state = inference.load_run(_WORKDIR.value, _STEP.value)
   metrics = _METRICS.value or list(config.eval.metrics) or ["swd"]
-  num = _NUM_SAMPLES.value or config.eval.num_samples
-  batches = pipeline.create_dataset(config.data, batch_size=num, seed=config.train.seed)
-  real = next(batches)["image"]
+  if "modes" in metrics and config.data.source != "synthetic_faces":
+    raise UserError(f"--metrics=modes needs a synthetic_faces run, not {config.data.source}")
+  modes_only = _METRICS.value == ["modes"]
+  num = _NUM_SAMPLES.value or (_MODES_SAMPLES if modes_only else config.eval.num_samples)
+  source = pipeline.Source(config.data)
+  batch = min(num, source.size)  # more images than the dataset has: several epochs' worth
+  batches = source.batches(batch_size=batch, seed=config.train.seed)
+  real = np.concatenate([next(batches)["image"] for _ in range(-(-num // batch))])[:num]
   key = jax.random.key(_SEED.value, impl=config.train.prng_impl)
   evaluator = quality.Evaluator(
     metrics,

@@ -13,6 +13,7 @@ from torch_files import write_pth
 
 from configs import default
 from gan import checkpointing, trainer
+from gan import config as config_lib
 from gan import state as state_lib
 from gan.data import synthetic_faces
 from gan.errors import UserError
@@ -182,3 +183,32 @@ def test_compare_fid_without_pytorch_fid_says_what_to_install(tmp_path):
   assert result.returncode == 2
   assert "pip install torch torchvision pytorch-fid" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_counts_the_modes_of_a_synthetic_run_and_of_as_many_real_images(run):
+  result = run_script("evaluate.py", f"--workdir={run}", "--metrics=modes", "--num_samples=3000")
+  assert result.returncode == 0, result.stderr[-2000:]
+  scores = json.loads(result.stdout)
+  assert scores["num_samples"] == 3000
+  # tiny_config's 128 images hold at most 128 modes, each about equally often.
+  assert 90 <= scores["modes_covered_real"] <= 128
+  assert scores["kl_uniform_real"] == pytest.approx(np.log(1000 / 128), abs=0.3)
+  assert 1 <= scores["modes_covered"] <= 1000 and 0 <= scores["kl_uniform"] <= np.log(1000)
+
+
+def test_the_modes_metric_reads_the_classifier_on_both_sets():
+  real = _faces(0, 400)
+  evaluator = quality.Evaluator(["modes"], real, key=None, reference="unused")
+  one_face = evaluator(np.repeat(real[:1], 400, axis=0))
+  assert one_face["modes_covered"] == 1 and one_face["kl_uniform"] == pytest.approx(np.log(1000))
+  varied = evaluator(_faces(400, 400))
+  assert varied["modes_covered"] > 250 and varied["modes_covered_real"] > 250
+
+
+def test_the_modes_metric_needs_synthetic_faces():
+  config = tiny_config("dense")
+  config.data.source, config.data.path = "image_folder", "/nowhere"
+  config.eval.metrics = ("modes",)
+  with pytest.raises(UserError, match="synthetic_faces"):
+    config_lib.validate(config)

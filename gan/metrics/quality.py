@@ -5,7 +5,10 @@ Metrics, by name:
   fid, kid          Frechet and kernel Inception distances
   precision_recall  improved precision and recall (k=3) on Inception features
   density_coverage  density and coverage (k=5) on Inception features
-All but swd need pytorch-fid's Inception weights, downloaded on first use
+  modes             synthetic_faces only: of its 1,000 modes, how many the samples cover and
+                    the KL divergence of their mode histogram from uniform (PacGAN's count),
+                    and the same for the real images; by the project's mode classifier
+All but swd and modes need pytorch-fid's Inception weights, downloaded on first use
 (`inception.resolve_weights`). The Inception features of the real images are cached per
 reference set and weights file, and shared by the four.
 """
@@ -20,9 +23,9 @@ import numpy as np
 from absl import logging
 
 from gan.errors import UserError
-from gan.metrics import fid, inception, precision_recall, swd
+from gan.metrics import fid, inception, mode_classifier, precision_recall, swd
 
-METRICS = ("swd", "fid", "kid", "precision_recall", "density_coverage")
+METRICS = ("swd", "fid", "kid", "precision_recall", "density_coverage", "modes")
 INCEPTION_METRICS = frozenset({"fid", "kid", "precision_recall", "density_coverage"})
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "gan", "reference_features")
 
@@ -86,6 +89,9 @@ class Evaluator:
           raise
         logging.warning("Skipping %s: %s", ", ".join(wanted), e)
         self.metrics = tuple(m for m in self.metrics if m not in INCEPTION_METRICS)
+    if "modes" in self.metrics:
+      self._classifier = mode_classifier.load_classifier()
+      self._real_modes = _mode_counts(self._classifier, self._real, "_real")
     if self._features is not None:
       self._real_features = fid.reference_features(
         cache_dir, f"{reference}_inception-{sha256[:8]}", lambda: self._features(self._real)
@@ -98,6 +104,8 @@ class Evaluator:
     results = {}
     if "swd" in self.metrics:
       results.update(swd.sliced_wasserstein(self._real, fake, self._key))
+    if "modes" in self.metrics:
+      results.update(_mode_counts(self._classifier, fake), **self._real_modes)
     if self._features is not None:
       fake_features = self._features(fake)
       if "fid" in self.metrics:
@@ -113,3 +121,18 @@ class Evaluator:
       if "density_coverage" in self.metrics:
         results.update(precision_recall.density_coverage(self._real_features, fake_features))
     return {k: float(v) for k, v in results.items()}
+
+
+def _mode_counts(classifier, images: np.ndarray, suffix: str = "", chunk: int = 1000) -> dict:
+  """modes_covered and kl_uniform of `images`, read `chunk` at a time to bound memory."""
+  modes = np.concatenate(
+    [
+      np.asarray(mode_classifier.predict_modes(classifier, images[i : i + chunk]))
+      for i in range(0, len(images), chunk)
+    ]
+  )
+  hist = mode_classifier.mode_histogram(modes)
+  return {
+    f"modes_covered{suffix}": float(mode_classifier.modes_covered(hist)),
+    f"kl_uniform{suffix}": float(mode_classifier.kl_from_uniform(hist)),
+  }
