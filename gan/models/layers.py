@@ -155,7 +155,10 @@ class _K4S2(nnx.Module):
 
   @staticmethod
   def _plus(y: jax.Array, bias: jax.Array | None) -> jax.Array:
-    return y if bias is None else y + bias.astype(y.dtype)
+    # Added in the bias's float32, so that autodiff sums the bias's gradient in float32 too:
+    # with a bfloat16 y, `y + bias.astype(y.dtype)` would round that sum over the batch and
+    # every pixel to bfloat16 (a few per cent off), as the CPU kernels' add_bias avoids.
+    return y if bias is None else (y.astype(bias.dtype) + bias).astype(y.dtype)
 
 
 class DownConv(_K4S2):
