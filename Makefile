@@ -38,8 +38,9 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 # Everything (what CI runs), and the unit tests alone for everyday work; one pytest worker per
-# core (pytest-xdist), each test file on one worker so that its shared runs are made once.
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+# core (pytest-xdist). Tests are spread one by one, except that the files whose tests share a
+# module-scoped run mark themselves as one xdist_group, kept on one worker.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 test: lint
 	$(PYTEST)

@@ -13,6 +13,8 @@ from configs import default
 from gan.data import anime_faces, pipeline
 from gan.errors import UserError
 
+pytestmark = pytest.mark.xdist_group("test_anime_faces")  # its tests share runs: one worker
+
 NUM_GOOD = 10
 
 

@@ -19,6 +19,8 @@ from gan import models, parallel
 from gan import state as state_lib
 from gan.errors import UserError
 
+pytestmark = pytest.mark.xdist_group("test_benchmark")  # its tests share runs: one worker
+
 # tiny_config("dcgan") as flags, with as few timed steps as give a median.
 TINY_DCGAN = [
   "--config=configs/dcgan.py:smoke",

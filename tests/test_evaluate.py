@@ -19,6 +19,8 @@ from gan.data import synthetic_faces
 from gan.errors import UserError
 from gan.metrics import inception, quality
 
+pytestmark = pytest.mark.xdist_group("test_evaluate")  # its tests share runs: one worker
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -15,6 +15,8 @@ from torch_files import pth_bytes, write_pth
 from gan.errors import UserError
 from gan.metrics import inception, pth
 
+pytestmark = pytest.mark.xdist_group("test_inception")  # its tests share runs: one worker
+
 
 @pytest.fixture(scope="module")
 def weights_path(tmp_path_factory):

@@ -18,6 +18,8 @@ from gan.metrics.mode_classifier import (
   predict_modes,
 )
 
+pytestmark = pytest.mark.xdist_group("test_mode_classifier")  # its tests share runs: one worker
+
 HELD_OUT_SEED = 2718  # neither the training seed (12345) nor the script's evaluation seed
 
 

@@ -406,8 +406,7 @@ from gan import trainer
 from test_regularizers import _EVERY_OPTION
 
 def run(name, devices):
-  config = tiny_config("dcgan", model__d_norm="layer", mesh__data_axis_size=devices,
-                       **_EVERY_OPTION)
+  config = tiny_config("dense", mesh__data_axis_size=devices, **_EVERY_OPTION)
   config.eval.metrics = ()
   return trainer.train_and_evaluate(config, f"{sys.argv[1]}/{name}")
 

@@ -13,6 +13,8 @@ from PIL import Image
 
 from gan import sampling, trainer
 
+pytestmark = pytest.mark.xdist_group("test_sample")  # its tests share runs: one worker
+
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "sample.py")
 RESOLUTION = 32  # the smoke configs' image size
 PADDING = 2  # make_grid's default
