@@ -13,9 +13,11 @@ def test_each_variant_of_each_recipe_validates(recipe, arg):
   assert config.model.conv_impl in ("xla", "onednn")  # `auto` resolved, as config.json records
 
 
-@pytest.mark.parametrize("arg", [None, "smoke"])
+@pytest.mark.parametrize("arg", [None, "smoke", "anime"])
 def test_the_collapse_demo_validates(arg):
-  config_lib.validate(collapse_demo.get_config(arg))
+  config = config_lib.validate(collapse_demo.get_config(arg))
+  assert config.train.b1 == 0.9 and config.collapse.rollback_b1 == 0.5
+  assert config.data.source == ("image_folder" if arg == "anime" else "synthetic_faces")
 
 
 def test_the_cpu_variants_train_on_the_real_faces():
