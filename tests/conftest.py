@@ -57,6 +57,12 @@ def plain_leaves(tree) -> list:
   ]
 
 
+def pytest_collection_modifyitems(items):
+  """Slow tests first, in their order, then the rest: with several workers (make test), the
+  long runs start early and the quick tests fill the end, so no worker waits alone on one."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def workdir(tmp_path):
   return str(tmp_path / "run")
