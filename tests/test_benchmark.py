@@ -44,7 +44,7 @@ MEASUREMENTS = (
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, however the tests interleave
 def report():
   result = run_script("benchmark.py", *TINY_DCGAN)
   assert result.returncode == 0, result.stderr[-3000:]

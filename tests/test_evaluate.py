@@ -22,7 +22,7 @@ from gan.metrics import inception, quality
 pytestmark = pytest.mark.xdist_group("test_evaluate")  # its tests share runs: one worker
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, however the tests interleave
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config("dense", train__num_steps=4)

@@ -32,7 +32,7 @@ _RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, however the tests interleave
 def runs(tmp_path_factory):
   """Trains a two-step dense run once, then runs every case of the script on it side by side.
 
