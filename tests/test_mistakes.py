@@ -12,6 +12,7 @@ import time
 
 import pytest
 from conftest import ROOT, run_script
+from test_reliability import _LIMITED  # a script run with files limited, as on a full disk
 
 from gan import checkpointing, inference
 from gan.errors import UserError
@@ -57,18 +58,6 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
   assert path.read_text() == "mine"
 
 
-# Runs a script with files limited to LIMIT bytes: a write past it fails as on a full disk
-# (SIGXFSZ ignored, so the write fails rather than the process).
-_LIMITED = """
-import resource, runpy, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-limit = int(sys.argv.pop(1))
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-sys.argv.pop(0)
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def _train_limited(limit: int, *flags: str) -> subprocess.CompletedProcess:
   return subprocess.run(
     [sys.executable, "-c", _LIMITED, str(limit), os.path.join(ROOT, "scripts", "train.py"), *flags],
@@ -88,14 +77,18 @@ def test_a_disk_that_fills_while_a_sample_grid_is_written_is_one_line(workdir):
   assert not os.listdir(os.path.join(workdir, "samples"))
 
 
-@pytest.mark.slow
-def test_ctrl_c_while_the_run_starts_saves_nothing_and_exits_cleanly(workdir):
-  process = subprocess.Popen(
+def _start_training(workdir: str) -> subprocess.Popen:
+  return subprocess.Popen(
     [sys.executable, os.path.join(ROOT, "scripts", "train.py"), *_SMOKE, f"--workdir={workdir}"],
     cwd=ROOT,
     stderr=subprocess.PIPE,
     text=True,
   )
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_run_starts_saves_nothing_and_exits_cleanly(workdir):
+  process = _start_training(workdir)
   for line in process.stderr:
     if "Compiling the train step" in line:
       break
@@ -108,12 +101,7 @@ def test_ctrl_c_while_the_run_starts_saves_nothing_and_exits_cleanly(workdir):
 
 @pytest.mark.slow
 def test_ctrl_c_before_the_trainer_runs_is_one_line(workdir):
-  process = subprocess.Popen(
-    [sys.executable, os.path.join(ROOT, "scripts", "train.py"), *_SMOKE, f"--workdir={workdir}"],
-    cwd=ROOT,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  process = _start_training(workdir)
   time.sleep(1.0)  # the script is importing its libraries
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=120)
