@@ -25,6 +25,23 @@ def run_script(name: str, *args: str, env=None) -> subprocess.CompletedProcess:
   )
 
 
+def start_script(name: str, *args: str) -> subprocess.Popen:
+  """Starts scripts/<name> in a fresh Python from the repository root, its stderr piped."""
+  return subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, "scripts", name), *args],
+    cwd=ROOT,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def read_until(process: subprocess.Popen, text: str) -> None:
+  """Reads the process's stderr until a line holds `text` (or the stream ends)."""
+  for line in process.stderr:
+    if text in line:
+      return
+
+
 def tiny_config(family: str, **overrides):
   """The `smoke` config of a family, shrunk further so a run takes seconds."""
   config = _RECIPES[family].get_config("smoke")

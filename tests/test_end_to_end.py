@@ -5,12 +5,11 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, plain_leaves, run_script, tiny_config
+from conftest import ROOT, plain_leaves, read_until, run_script, start_script, tiny_config
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
@@ -135,23 +134,15 @@ def test_user_mistakes_are_one_line_without_a_traceback(flag, message, workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_termination_signal_saves_after_the_current_step_and_exits_cleanly(sig, workdir):
-  process = subprocess.Popen(
-    [
-      sys.executable,
-      os.path.join(ROOT, "scripts", "train.py"),
-      "--config=configs/dense.py:smoke",
-      f"--workdir={workdir}",
-      "--config.train.num_steps=100000",
-      "--config.checkpoint.every=1000",
-      "--config.eval.every=1000",
-    ],
-    cwd=ROOT,
-    stderr=subprocess.PIPE,
-    text=True,
+  process = start_script(
+    "train.py",
+    "--config=configs/dense.py:smoke",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=100000",
+    "--config.checkpoint.every=1000",
+    "--config.eval.every=1000",
   )
-  for line in process.stderr:  # training has started once a progress line appears
-    if "img/s" in line:
-      break
+  read_until(process, "img/s")  # training has started once a progress line appears
   process.send_signal(sig)
   rest = process.stderr.read()
   assert process.wait(timeout=120) == 0, rest[-2000:]

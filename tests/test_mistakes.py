@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, read_until, run_script, start_script
 from test_reliability import _LIMITED  # a script run with files limited, as on a full disk
 
 from gan import checkpointing, inference
@@ -78,20 +78,13 @@ def test_a_disk_that_fills_while_a_sample_grid_is_written_is_one_line(workdir):
 
 
 def _start_training(workdir: str) -> subprocess.Popen:
-  return subprocess.Popen(
-    [sys.executable, os.path.join(ROOT, "scripts", "train.py"), *_SMOKE, f"--workdir={workdir}"],
-    cwd=ROOT,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  return start_script("train.py", *_SMOKE, f"--workdir={workdir}")
 
 
 @pytest.mark.slow
 def test_ctrl_c_while_the_run_starts_saves_nothing_and_exits_cleanly(workdir):
   process = _start_training(workdir)
-  for line in process.stderr:
-    if "Compiling the train step" in line:
-      break
+  read_until(process, "Compiling the train step")
   process.send_signal(signal.SIGINT)
   rest = process.stderr.read()
   assert process.wait(timeout=120) == 0, rest[-3000:]

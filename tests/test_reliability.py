@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, plain_leaves, run_script, tiny_config
+from conftest import ROOT, plain_leaves, read_until, run_script, start_script, tiny_config
 
 from configs import dcgan, dense
 from gan import checkpointing, trainer
@@ -178,20 +178,10 @@ _LARGE_STATE = (
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_second_signal_during_the_stop_s_save_neither_cuts_it_short_nor_fails(sig, workdir):
-  process = subprocess.Popen(
-    [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={workdir}"]
-    + list(_LARGE_STATE),
-    cwd=ROOT,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  for line in process.stderr:  # training has started once a progress line appears
-    if "img/s" in line:
-      break
+  process = start_script("train.py", f"--workdir={workdir}", *_LARGE_STATE)
+  read_until(process, "img/s")  # training has started once a progress line appears
   process.send_signal(sig)
-  for line in process.stderr:  # the stop's save is under way, in the background
-    if "Stopped by" in line:
-      break
+  read_until(process, "Stopped by")  # the stop's save is under way, in the background
   # The same signal again, and again, as an impatient user would, until the save is complete:
   # some land while the trainer waits for it.
   directory = os.path.join(workdir, "checkpoints")
