@@ -80,6 +80,24 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def xdist_groups_kept(request):
+  """Under `--dist loadgroup` a worker's grouped tests carry their group in their ids, which is
+  how the scheduler keeps a group on one worker; a pytest and pytest-xdist that disagree on ids
+  lose the groups silently, and every worker sets up a group's shared runs again."""
+  if not request.config.getvalue("loadgroup"):
+    return
+  session = request.node.session
+  lost = [
+    i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid
+  ]
+  if lost:
+    pytest.fail(
+      f"pytest-xdist's loadgroup left {lost[0]} (and {len(lost) - 1} more) ungrouped: "
+      "use the pytest that setup.cfg pins"
+    )
+
+
 @pytest.fixture
 def workdir(tmp_path):
   return str(tmp_path / "run")
