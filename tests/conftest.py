@@ -105,17 +105,24 @@ def workdir(tmp_path):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """Shares compiled XLA programs between tests, and with the scripts and child processes they
-  start (through the environment): many runs compile the same tiny networks."""
-  cache = str(tmp_path_factory.mktemp("xla_cache"))
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  """Shares compiled XLA programs between tests, between the workers of `make test`, and with
+  the scripts and child processes they start (through the environment): many runs compile the
+  same tiny networks. A size limit turns on JAX's file lock around each read and write of the
+  cache, so that no process reads an entry another is still writing; it is never reached."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # each worker's folder lies in the one folder of the whole run
+  cache = str(base / "xla_cache")
   settings = {
     "JAX_COMPILATION_CACHE_DIR": cache,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(64 << 30),
   }
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax.config.update("jax_compilation_cache_max_size", 64 << 30)
   before = {name: os.environ.get(name) for name in settings}
   os.environ.update(settings)
   yield

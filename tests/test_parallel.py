@@ -4,6 +4,7 @@ counts, and two processes on this machine train as one with jax.distributed."""
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -135,31 +136,6 @@ def _two_processes(workdir: str, num_steps: int, *flags: str) -> list[subprocess
   return results
 
 
-@pytest.mark.slow
-def test_two_processes_train_as_one_write_one_set_of_logs_and_resume(tmp_path):
-  workdir = str(tmp_path / "two")
-  for process in _two_processes(workdir, 4):
-    assert process.returncode == 0, process.stderr[-3000:]
-  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 1
-  assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000004.png"]
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  assert ckpt.all_steps() == [4]
-
-  first, second = _two_processes(workdir, 8)
-  assert first.returncode == second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
-  assert "Restored the checkpoint of step 4" in first.stderr  # process 0 reports for both
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  assert ckpt.all_steps() == [4, 8]
-  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 2  # one per run
-
-  # The same run on one process, one device: the same global batches, the same result.
-  single = run_script(
-    "train.py", *_TINY, f"--workdir={tmp_path / 'one'}", "--config.train.num_steps=8"
-  )
-  assert single.returncode == 0, single.stderr[-3000:]
-  assert _gap(str(tmp_path / "one"), workdir) < 1e-4
-
-
 # Only a non-finite value is out of bounds, from step 0 (as in test_collapse).
 _JUDGE_ONLY_NON_FINITE = [
   "--config.collapse.warmup_steps=0",
@@ -170,11 +146,55 @@ _JUDGE_ONLY_NON_FINITE = [
 ]
 
 
-@pytest.mark.slow
-def test_two_processes_roll_back_together(tmp_path):
-  workdir = str(tmp_path / "two")
-  for process in _two_processes(workdir, 4, *_JUDGE_ONLY_NON_FINITE):
+@pytest.fixture(scope="module")
+def four_steps_on_two(tmp_path_factory):
+  """A run's first 4 steps as 2 processes; each test goes on from a copy of it."""
+  workdir = str(tmp_path_factory.mktemp("parallel") / "two")
+  processes = _two_processes(workdir, 4, *_JUDGE_ONLY_NON_FINITE)
+  return workdir, processes
+
+
+def _copy(run, tmp_path) -> str:
+  source, processes = run
+  for process in processes:
     assert process.returncode == 0, process.stderr[-3000:]
+  workdir = str(tmp_path / "two")
+  shutil.copytree(source, workdir)
+  return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # goes on from the shared start: one worker
+def test_two_processes_train_as_one_write_one_set_of_logs_and_resume(four_steps_on_two, tmp_path):
+  workdir = _copy(four_steps_on_two, tmp_path)
+  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 1
+  assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000004.png"]
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.all_steps() == [4]
+
+  first, second = _two_processes(workdir, 8, *_JUDGE_ONLY_NON_FINITE)
+  assert first.returncode == second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
+  assert "Restored the checkpoint of step 4" in first.stderr  # process 0 reports for both
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.all_steps() == [4, 8]
+  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 2  # one per run
+
+  # The same run on one process, one device: the same global batches, the same result.
+  single = run_script(
+    "train.py",
+    *_TINY,
+    *_JUDGE_ONLY_NON_FINITE,
+    f"--workdir={tmp_path / 'one'}",
+    "--config.train.num_steps=8",
+  )
+  assert single.returncode == 0, single.stderr[-3000:]
+  assert _gap(str(tmp_path / "one"), workdir) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")
+def test_two_processes_roll_back_together(four_steps_on_two, tmp_path):
+  workdir = _copy(four_steps_on_two, tmp_path)
   # A checkpoint at step 5 whose learning rates make the next step non-finite (as in
   # test_collapse), written here on one device: checkpoints move between device counts.
   config, _, _ = inference.load_run(workdir)
