@@ -254,6 +254,7 @@ def _roll_back(run: _Run, judgement: verdict.Judgement) -> None:
       f"{rollback.hint(run.ckpt, run.step)}",
       step=run.step,
       signals={k.removeprefix("health/"): v for k, v in run.health.items()},
+      state=run.state,
     )
   state, event = rollback.roll_back(
     run.ckpt,

@@ -329,7 +329,10 @@ def test_a_checkpoint_with_damaged_metrics_is_listed_as_such_and_training_goes_o
 
 
 @pytest.mark.slow
-def test_collapse_study_tabulates_each_seed(tmp_path):
+@pytest.mark.parametrize("diverging", [False, True])
+def test_collapse_study_tabulates_each_seed_and_counts_the_modes_it_ends_with(tmp_path, diverging):
+  # Learning rates of 1e30 make the first step non-finite: a collapse at once, warm-up or not.
+  lrs = ["--config.train.g_lr=1e30", "--config.train.d_lr=1e30"] if diverging else []
   result = run_script(
     "collapse_study.py",
     "--config=configs/dense.py:smoke",
@@ -339,10 +342,22 @@ def test_collapse_study_tabulates_each_seed(tmp_path):
     "--config.train.num_steps=4",
     "--config.train.batch_size=8",
     "--config.collapse.num_samples=16",
+    "--modes_samples=64",
+    *lrs,
   )
   assert result.returncode == 0, result.stderr[-2000:]
   with open(tmp_path / "results.json") as f:
     (row,) = json.load(f)
+  assert row["modes"]["num_samples"] == 64
+  if diverging:  # counted on the generator that collapsed: all its samples fall in one mode
+    assert row["collapsed_at"] == row["step"] == 4  # found at the first log (the last step)
+    assert row["modes"]["ema"]["modes_covered"] == row["modes"]["raw"]["modes_covered"] == 1
+    assert row["modes"]["raw"]["kl_uniform"] == pytest.approx(np.log(1000), rel=1e-5)
+    assert "rollback off: 1 of 1 collapsed (at steps 4)" in result.stdout
+    return
   assert (row["seed"], row["rollback"], row["step"], row["collapsed_at"]) == (0, False, 4, None)
   assert 0 < row["modes_covered"] <= 16
+  for generator in ("ema", "raw"):
+    assert 0 < row["modes"][generator]["modes_covered"] <= 64
   assert "| off | 0 | - | 0 | 4 |" in result.stdout
+  assert "rollback off: 0 of 1 collapsed; ema: " in result.stdout

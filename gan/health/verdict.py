@@ -23,10 +23,11 @@ VERDICT_METRIC = "health/verdict"  # the checkpoint metric holding the verdict's
 class CollapseError(UserError):
   """Training collapsed with rollback off, or more often than `collapse.max_rollbacks` allows."""
 
-  def __init__(self, message: str, step: int, signals: Mapping[str, float]):
+  def __init__(self, message: str, step: int, signals: Mapping[str, float], state=None):
     super().__init__(message)
     self.step = step
     self.signals = dict(signals)
+    self.state = state  # the TrainState that collapsed, for a caller that wants to look at it
 
 
 @dataclasses.dataclass(frozen=True)

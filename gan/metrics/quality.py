@@ -91,7 +91,7 @@ class Evaluator:
         self.metrics = tuple(m for m in self.metrics if m not in INCEPTION_METRICS)
     if "modes" in self.metrics:
       self._classifier = mode_classifier.load_classifier()
-      self._real_modes = _mode_counts(self._classifier, self._real, "_real")
+      self._real_modes = mode_counts(self._classifier, self._real, "_real")
     if self._features is not None:
       self._real_features = fid.reference_features(
         cache_dir, f"{reference}_inception-{sha256[:8]}", lambda: self._features(self._real)
@@ -105,7 +105,7 @@ class Evaluator:
     if "swd" in self.metrics:
       results.update(swd.sliced_wasserstein(self._real, fake, self._key))
     if "modes" in self.metrics:
-      results.update(_mode_counts(self._classifier, fake), **self._real_modes)
+      results.update(mode_counts(self._classifier, fake), **self._real_modes)
     if self._features is not None:
       fake_features = self._features(fake)
       if "fid" in self.metrics:
@@ -123,7 +123,7 @@ class Evaluator:
     return {k: float(v) for k, v in results.items()}
 
 
-def _mode_counts(classifier, images: np.ndarray, suffix: str = "", chunk: int = 1000) -> dict:
+def mode_counts(classifier, images: np.ndarray, suffix: str = "", chunk: int = 1000) -> dict:
   """modes_covered and kl_uniform of `images`, read `chunk` at a time to bound memory."""
   modes = np.concatenate(
     [
