@@ -62,7 +62,8 @@ class TrainStep:
     self.generator, self.discriminator = generator.train(), discriminator.train()
     self.latent_dim = config["model"]["latent_dim"]
     self.d_steps = train["d_steps"]
-    self.ema_decay = train["ema_decay"]
+    self.batch_size = train["batch_size"]
+    self.ema_kimg, self.ema_rampup = train["ema_kimg"], train["ema_rampup"]
     self.loss = LOSSES[train["loss"]]
     betas = (train["b1"], train["b2"])
     self.g_optimizer = torch.optim.Adam(generator.parameters(), lr=train["g_lr"], betas=betas)
@@ -108,12 +109,21 @@ class TrainStep:
     self.discriminator.requires_grad_(True)
     return {"g_loss": g_loss.detach(), "g_grad_norm": _global_norm(p.grad for p in self.g_params)}
 
+  def _ema_decay(self) -> float:
+    """gan.step.ema_decay: a half-life of ema_kimg thousand images, ramped up."""
+    if self.ema_kimg == 0:
+      return 0.0
+    half_life = self.ema_kimg * 1000
+    if self.ema_rampup:
+      half_life = min(half_life, self.step * self.batch_size * self.ema_rampup)
+    return 0.5 ** (self.batch_size / max(half_life, 1e-8))
+
   def __call__(self, real: torch.Tensor) -> dict:
     for _ in range(self.d_steps):
       d_metrics = self._d_step(real)
     g_metrics = self._g_step(real.shape[0])
     self.step += 1
-    decay = min(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+    decay = self._ema_decay()
     with torch.no_grad():
       torch._foreach_lerp_(self.ema_params, self.g_params, 1.0 - decay)
       param_norms = {

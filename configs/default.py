@@ -50,7 +50,12 @@ def get_config(arg=None):
   train.b1 = 0.5  # Adam beta1: 0.5 rather than 0.9 steadies GAN training (DCGAN paper)
   train.b2 = 0.999  # Adam beta2
   train.d_steps = 1  # discriminator updates per generator update, each with fresh noise
-  train.ema_decay = 0.999  # EMA of G's weights used for samples; 0 turns it off
+  # The EMA of G's weights, which samples and evaluation use, as StyleGAN2-ADA sets it: its
+  # half-life in thousands of images (so the same in images whatever the batch; 0 turns it
+  # off), ramped up as a fraction of the images trained on so far so that a young generator's
+  # EMA is not a blur of its first weights (0: no ramp).
+  train.ema_kimg = 20.0
+  train.ema_rampup = 0.05
   train.log_every = 50  # steps between scalar logs (the only regular device->host fetch)
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()

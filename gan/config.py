@@ -114,7 +114,8 @@ def _check_train(config) -> None:
   _choice(config, "train.loss", losses.NAMES)
   _choice(config, "train.prng_impl", PRNG_IMPLS)
   _integer(config, "train.seed", 0)
-  _number(config, "train.ema_decay", 0, 1)
+  _number(config, "train.ema_kimg", 0, math.inf)
+  _number(config, "train.ema_rampup", 0, math.inf)
   for rate in ("train.g_lr", "train.d_lr"):
     _number(config, rate, 0, math.inf, open_low=True)
   for beta in ("train.b1", "train.b2"):

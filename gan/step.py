@@ -152,6 +152,18 @@ def g_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainState,
   return state, {"g_loss": g_loss, "g_grad_norm": optax.global_norm(grads)}
 
 
+def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """The EMA's decay per step after `step` steps: a half-life of `ema_kimg` thousand images,
+  or of `ema_rampup` times the images trained on, whichever is shorter (StyleGAN2-ADA)."""
+  if config.ema_kimg == 0:
+    return jnp.float32(0.0)  # no EMA: it follows the weights
+  batch = config.batch_size
+  half_life = jnp.float32(config.ema_kimg * 1000)
+  if config.ema_rampup:
+    half_life = jnp.minimum(half_life, step * batch * config.ema_rampup)
+  return 0.5 ** (batch / jnp.maximum(half_life, 1e-8))
+
+
 def train_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainState, batch, rng):
   """`train.d_steps` discriminator updates, one generator update, and the EMA of G.
 
@@ -172,9 +184,8 @@ def train_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainSt
     nets, config, state, real.shape[0], jax.random.fold_in(rng, config.d_steps)
   )
 
-  # Warm-up as in tf.train.ExponentialMovingAverage: early samples follow the weights closely.
   step = state.step + 1
-  decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
+  decay = ema_decay(config, step)
   ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, state.g.params)
   metrics = {
     **d_metrics,

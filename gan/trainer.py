@@ -223,8 +223,10 @@ def _evaluate(run: _Run, nonfinite: bool) -> verdict.Judgement:
   if parallel.is_main_process():
     sampling.save_png(os.path.join(run.workdir, "samples", f"step_{run.step:07d}.png"), grid)
   if run.evaluator is not None and not nonfinite:
-    fake = inference.generate_many(run.sample_fn, state.ema, state.g.batch_stats, run.eval_noise)
-    run.scores = {f"eval/{k}": v for k, v in run.evaluator(fake).items()}
+    run.scores = {}
+    for prefix, params in _generators(run):
+      fake = inference.generate_many(run.sample_fn, params, state.g.batch_stats, run.eval_noise)
+      run.scores.update({f"{prefix}/{k}": v for k, v in run.evaluator(fake).items()})
     run.writer.write_scalars(run.step, run.scores)
   measured = {**run.probe(state.g.params, state.g.batch_stats), "nonfinite": float(nonfinite)}
   judgement = verdict.judge(measured, run.config.collapse, run.streak, run.step)
@@ -237,6 +239,15 @@ def _evaluate(run: _Run, nonfinite: bool) -> verdict.Judgement:
   if judgement.verdict in (verdict.SUSPECT, verdict.COLLAPSED):
     logging.warning("Step %d: %s: %s", run.step, judgement.verdict, "; ".join(judgement.reasons))
   return judgement
+
+
+def _generators(run: _Run) -> list[tuple[str, dict]]:
+  """The generators the quality metrics score, by tag prefix: the EMA (what samples show and
+  the best checkpoint is chosen by) and, where there is an EMA, the raw weights beside it."""
+  state = run.state
+  if run.config.train.ema_kimg == 0:
+    return [("eval", state.ema)]
+  return [("eval", state.ema), ("eval_raw", state.g.params)]
 
 
 def _roll_back(run: _Run, judgement: verdict.Judgement) -> None:

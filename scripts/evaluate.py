@@ -3,7 +3,7 @@
     python scripts/evaluate.py --workdir=runs/dcgan [--step=N] [--metrics=swd,fid,kid]
 
 Generates --num_samples images from the EMA generator of the chosen checkpoint (the latest by
-default) and compares them with as many training images. All metrics but swd need pytorch-fid's
+default; --generator=raw for its raw weights) and compares them with as many training images. All metrics but swd need pytorch-fid's
 Inception weights, downloaded into ~/.cache/gan on first use (see README). When they cannot be
 had, metrics asked for with --metrics are an error of one line; metrics taken from the run's
 eval.metrics are skipped with a warning.
@@ -31,6 +31,9 @@ _NUM_SAMPLES = flags.DEFINE_integer(
   "num_samples", None, "Images per set; the run's by default (26,000 for --metrics=modes)."
 )
 _MODES_SAMPLES = 26_000  # PacGAN's protocol for counting Stacked-MNIST's 1,000 modes
+_GENERATOR = flags.DEFINE_enum(
+  "generator", "ema", ["ema", "raw"], "The EMA of G's weights (what samples show) or the raw ones."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generator noise and the metrics' randomness.")
 
 
@@ -65,8 +68,14 @@ def main(argv):
   )
   noise = np.asarray(jax.random.normal(key, (num, nets.latent_dim)))
   sample_fn = inference.sampler(nets)
-  fake = inference.generate_many(sample_fn, state.ema, state.g.batch_stats, noise)
-  results = {"step": int(state.step), "num_samples": num, **evaluator(fake)}
+  params = state.ema if _GENERATOR.value == "ema" else state.g.params
+  fake = inference.generate_many(sample_fn, params, state.g.batch_stats, noise)
+  results = {
+    "step": int(state.step),
+    "num_samples": num,
+    "generator": _GENERATOR.value,
+    **evaluator(fake),
+  }
   logging.info("Evaluated %s: %s", os.path.abspath(_WORKDIR.value), results)
   print(json.dumps(results, indent=1, sort_keys=True))
 

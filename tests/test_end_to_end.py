@@ -60,6 +60,7 @@ def test_smoke_config_leaves_checkpoints_events_and_samples(family, workdir):
     "1_train/g_lr",
     "1_train/images_per_second",
     "eval/swd_mean",
+    "eval_raw/swd_mean",
     "health/ms_ssim",
     "health/modes_covered",
     "health/verdict",

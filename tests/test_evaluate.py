@@ -37,6 +37,7 @@ def test_every_checkpoint_stores_the_quality_metrics(run):
   for step in ckpt.all_steps():
     metrics = ckpt.metrics(step)
     assert "eval/swd_mean" in metrics and metrics["eval/swd_mean"] > 0, step
+    assert metrics["eval_raw/swd_mean"] > 0, step  # the raw generator's, beside the EMA's
     assert "eval/precision" not in metrics  # no Inception metric by default
 
 
@@ -52,12 +53,21 @@ def test_policy_keeps_the_best_checkpoint_by_the_chosen_metric(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_prints_the_weight_free_metrics_as_json(run):
-  result = run_script("evaluate.py", f"--workdir={run}", "--num_samples=16")
-  assert result.returncode == 0, result.stderr[-2000:]
-  scores = json.loads(result.stdout)
-  assert scores["step"] == 4 and scores["num_samples"] == 16
-  assert scores["swd_mean"] > 0 and "recall" not in scores
+def test_evaluate_prints_the_weight_free_metrics_as_json_for_either_generator(run):
+  scores = {}
+  for generator in ("ema", "raw"):
+    result = run_script(
+      "evaluate.py",
+      f"--workdir={run}",
+      "--num_samples=16",
+      *(["--generator=raw"] if generator == "raw" else []),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores[generator] = json.loads(result.stdout)
+    assert scores[generator]["generator"] == generator
+    assert scores[generator]["step"] == 4 and scores[generator]["num_samples"] == 16
+    assert scores[generator]["swd_mean"] > 0 and "recall" not in scores[generator]
+  assert scores["ema"]["swd_mean"] != scores["raw"]["swd_mean"]  # the same noise, other weights
 
 
 @pytest.mark.slow

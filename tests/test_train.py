@@ -57,6 +57,33 @@ def test_discriminator_update_lowers_its_loss_on_a_fixed_batch():
   assert loss_of(state) < before
 
 
+@pytest.mark.parametrize("batch", [32, 128])
+def test_the_ema_halves_a_weight_s_share_after_ema_kimg_thousand_images_whatever_the_batch(batch):
+  config = tiny_config("dense", train__batch_size=batch, train__ema_kimg=8.0, train__ema_rampup=0.0)
+  steps = 8000 / batch  # steps in which ema_kimg thousand images go by
+  decay = step_lib.ema_decay(config.train, jnp.int32(1_000_000))
+  assert float(decay) ** steps == pytest.approx(0.5, rel=1e-4)
+
+
+def test_the_ema_s_half_life_ramps_up_with_the_images_trained_on():
+  config = tiny_config("dense", train__batch_size=64, train__ema_kimg=20.0, train__ema_rampup=0.05)
+  # At step 100, 6,400 images: a half-life of 5% of them, 320 images, 5 steps.
+  assert float(step_lib.ema_decay(config.train, jnp.int32(100))) ** 5 == pytest.approx(
+    0.5, rel=1e-4
+  )
+  # From 400,000 images on, the 20,000 of ema_kimg: 312.5 steps.
+  late = float(step_lib.ema_decay(config.train, jnp.int32(10_000)))
+  assert late**312.5 == pytest.approx(0.5, rel=1e-4)
+
+
+def test_an_ema_kimg_of_zero_makes_the_ema_the_weights_themselves():
+  config = tiny_config("dense", train__ema_kimg=0.0)
+  nets, state = state_lib.create_train_state(config)
+  step = jax.jit(functools.partial(step_lib.train_step, nets, config.train))
+  state, _ = step(state, _real_batch(config), jax.random.PRNGKey(0))
+  _assert_trees_equal(state.ema, state.g.params)
+
+
 def test_train_step_advances_the_step_and_reports_finite_metrics():
   config = tiny_config("dense")
   nets, state = state_lib.create_train_state(config)
@@ -132,7 +159,8 @@ def test_each_loss_rewards_d_for_telling_real_from_fake(name):
   [
     ("train__batch_size", 0, "train.batch_size must be positive"),
     ("train__num_steps", -5, "train.num_steps must be positive"),
-    ("train__ema_decay", 1.0, "train.ema_decay"),
+    ("train__ema_kimg", -1.0, "train.ema_kimg"),
+    ("train__ema_rampup", -0.05, "train.ema_rampup"),
     ("train__loss", "wasserstein", "unknown train.loss"),
     ("eval__every", 0, "eval.every must be positive"),
     ("train__b1", 1.0, r"train.b1 must be in \[0, 1\)"),
