@@ -5,9 +5,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import dcgan, dense
+from gan import checkpointing
+from gan import state as state_lib
+from gan.health import verdict
 
 _RECIPES = {"dcgan": dcgan, "dense": dense}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +68,30 @@ def tiny_config(family: str, **overrides):
   return config
 
 
+def judge_only_non_finite(config):
+  """Thresholds so loose that only non-finite values are out of bounds, from step 0."""
+  config.collapse.update(
+    warmup_steps=0,
+    max_ms_ssim_gap=1.0,
+    max_duplicate_rate=1.0,
+    min_mode_coverage=0.0,
+    max_ndb_fraction=1.0,
+  )
+  return config
+
+
+def poison(workdir, config, from_step):
+  """Saves a checkpoint at from_step + 1 whose learning rates make the next step non-finite,
+  judged suspect, as the detector would have left it."""
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  _, template = state_lib.create_train_state(config)
+  state = ckpt.restore(from_step, template).replace(step=jnp.int32(from_step + 1))
+  poisoned = state_lib.with_hyperparams(state, learning_rate=(1e30, 1e30))
+  ckpt.save(from_step + 1, poisoned, {verdict.VERDICT_METRIC: verdict.VERDICTS.index("suspect")})
+  ckpt.wait()
+  ckpt.close()
+
+
 def plain_leaves(tree) -> list:
   """The leaves of a pytree, PRNG keys as their raw data, so that numpy can compare them."""
   return [
@@ -85,7 +113,7 @@ def xdist_groups_kept(request):
   """Under `--dist loadgroup` a worker's grouped tests carry their group in their ids, which is
   how the scheduler keeps a group on one worker; a pytest and pytest-xdist that disagree on ids
   lose the groups silently, and every worker sets up a group's shared runs again."""
-  if not request.config.getvalue("loadgroup"):
+  if not getattr(request.config.option, "loadgroup", False):  # set in xdist workers only
     return
   session = request.node.session
   lost = [

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_script, tiny_config
+from conftest import judge_only_non_finite, poison, run_script, tiny_config
 
 from configs import collapse_demo, dcgan, dense
 from gan import checkpointing, rollback, trainer
@@ -134,39 +134,15 @@ def _flip_bytes(workdir, step):
     f.write(b"\xa5" * 8)
 
 
-def _judge_only_non_finite(config):
-  """Thresholds so loose that only non-finite values are out of bounds, from step 0."""
-  config.collapse.update(
-    warmup_steps=0,
-    max_ms_ssim_gap=1.0,
-    max_duplicate_rate=1.0,
-    min_mode_coverage=0.0,
-    max_ndb_fraction=1.0,
-  )
-  return config
-
-
-def _poison(workdir, config, from_step):
-  """Saves a checkpoint at from_step + 1 whose learning rates make the next step non-finite,
-  judged suspect, as the detector would have left it."""
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  _, template = state_lib.create_train_state(config)
-  state = ckpt.restore(from_step, template).replace(step=jnp.int32(from_step + 1))
-  poisoned = state_lib.with_hyperparams(state, learning_rate=(1e30, 1e30))
-  ckpt.save(from_step + 1, poisoned, {verdict.VERDICT_METRIC: verdict.VERDICTS.index("suspect")})
-  ckpt.wait()
-  ckpt.close()
-
-
 @pytest.mark.slow
 def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(workdir):
   trainer.train_and_evaluate(
-    _judge_only_non_finite(tiny_config("dense", train__num_steps=4)), workdir
+    judge_only_non_finite(tiny_config("dense", train__num_steps=4)), workdir
   )
-  config = _judge_only_non_finite(tiny_config("dense", train__num_steps=8))
+  config = judge_only_non_finite(tiny_config("dense", train__num_steps=8))
   config.collapse.lr_factor = 0.5
   config.collapse.rollback_b1 = 0.3
-  _poison(workdir, config, 4)
+  poison(workdir, config, 4)
 
   final = trainer.train_and_evaluate(config, workdir)
 
@@ -191,10 +167,10 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
 @pytest.mark.slow
 def test_a_rollback_skips_a_healthy_checkpoint_whose_bytes_changed(workdir, caplog):
   trainer.train_and_evaluate(
-    _judge_only_non_finite(tiny_config("dense", train__num_steps=4)), workdir
+    judge_only_non_finite(tiny_config("dense", train__num_steps=4)), workdir
   )
-  config = _judge_only_non_finite(tiny_config("dense", train__num_steps=8))
-  _poison(workdir, config, 4)
+  config = judge_only_non_finite(tiny_config("dense", train__num_steps=8))
+  poison(workdir, config, 4)
   _flip_bytes(workdir, 4)
 
   final = trainer.train_and_evaluate(config, workdir)
@@ -233,7 +209,7 @@ def test_with_only_warm_up_checkpoints_a_rollback_starts_afresh(workdir):
   # The smoke configs' warm-up outlasts these runs: their checkpoints are never judged.
   trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4), workdir)
   config = tiny_config("dense", train__num_steps=6)
-  _poison(workdir, config, 4)
+  poison(workdir, config, 4)
 
   final = trainer.train_and_evaluate(config, workdir)
 

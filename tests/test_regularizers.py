@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, plain_leaves, tiny_config
+from conftest import ROOT, judge_only_non_finite, plain_leaves, poison, tiny_config
 from flax import nnx
 
 from gan import config as config_lib
-from gan import inference, losses, trainer
+from gan import inference, losses, rollback, trainer
 from gan import state as state_lib
 from gan import step as step_lib
 from gan.errors import UserError
@@ -375,6 +375,25 @@ def test_a_run_with_every_option_is_finite_and_resumes_bit_for_bit(family, tmp_p
   assert all(np.all(np.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
   for a, b in zip(plain_leaves(resumed), leaves, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_a_run_with_every_option_rolls_back_and_goes_on(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(
+    judge_only_non_finite(tiny_config("dense", train__num_steps=4, **_EVERY_OPTION)), workdir
+  )
+  config = judge_only_non_finite(tiny_config("dense", train__num_steps=8, **_EVERY_OPTION))
+  poison(workdir, config, 4)
+
+  final = trainer.train_and_evaluate(config, workdir)
+
+  with open(os.path.join(workdir, rollback.ROLLBACKS_FILE)) as f:
+    (event,) = [json.loads(line) for line in f]
+  assert (event["from_step"], event["to_step"]) == (6, 4) and "non-finite" in event["reason"]
+  assert int(final.step) == 8
+  leaves = plain_leaves(final)  # spectral norm's power-iteration vectors among them
+  assert all(np.all(np.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
 
 
 @pytest.mark.slow
