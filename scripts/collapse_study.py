@@ -64,11 +64,12 @@ def _count_modes(config, state, num: int) -> dict:
   import jax
   import numpy as np
 
+  from gan import config as config_lib
   from gan import inference
   from gan.metrics import mode_classifier, quality
   from gan.state import create_train_state
 
-  nets, _ = create_train_state(config)
+  nets, _ = create_train_state(config_lib.validate(config))
   sample = inference.sampler(nets)
   key = jax.random.key(config.train.seed, impl=config.train.prng_impl)
   noise = np.asarray(jax.random.normal(key, (num, nets.latent_dim)))

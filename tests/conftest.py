@@ -1,5 +1,6 @@
 """Shared test helpers: small real configs and running the scripts as a user would."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -136,7 +137,10 @@ def compilation_cache(tmp_path_factory):
   """Shares compiled XLA programs between tests, between the workers of `make test`, and with
   the scripts and child processes they start (through the environment): many runs compile the
   same tiny networks. A size limit turns on JAX's file lock around each read and write of the
-  cache, so that no process reads an entry another is still writing; it is never reached."""
+  cache, so that no process reads an entry another is still writing; it is never reached. Only
+  programs that take 0.2 s or more to compile are kept: with every eager operation in it, the
+  lock's bookkeeping (a scan of the whole cache at each write) cost more than sharing saved."""
+  importlib.import_module("filelock")  # the lock's; without it JAX would turn the cache off
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent  # each worker's folder lies in the one folder of the whole run
