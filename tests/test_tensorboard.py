@@ -8,12 +8,11 @@ import os
 
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
+from conftest import judge_only_non_finite, poison, tiny_config
 from tensorboard import plugin_util
 from tensorboard.backend.event_processing import event_accumulator, plugin_event_multiplexer
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
-from test_collapse import _judge_only_non_finite, _poison  # how a rollback is forced
 
 from gan import checkpointing, monitoring, trainer
 
@@ -141,7 +140,7 @@ def test_the_training_curves_are_the_first_group():
 @pytest.mark.slow
 def test_a_run_resumed_from_an_older_checkpoint_and_rolled_back_never_shows_a_step_twice(workdir):
   def config(num_steps):
-    return _judge_only_non_finite(tiny_config("dense", train__num_steps=num_steps))
+    return judge_only_non_finite(tiny_config("dense", train__num_steps=num_steps))
 
   trainer.train_and_evaluate(config(6), workdir)  # logs and saves 2, 4, 6
   # As if killed after logging step 6 and before saving it, and with a checkpoint at 5 from
@@ -149,7 +148,7 @@ def test_a_run_resumed_from_an_older_checkpoint_and_rolled_back_never_shows_a_st
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.set_aside_after(4)
   ckpt.close()
-  _poison(workdir, config(8), 4)
+  poison(workdir, config(8), 4)
   # From 5, before the last logged step: attempt_2; it collapses at 6, goes back to 4: attempt_3.
   trainer.train_and_evaluate(config(8), workdir)
 
