@@ -30,14 +30,21 @@ def run_script(name: str, *args: str, env=None) -> subprocess.CompletedProcess:
   )
 
 
-def start_script(name: str, *args: str) -> subprocess.Popen:
+def start_script(name: str, *args: str, env=None) -> subprocess.Popen:
   """Starts scripts/<name> in a fresh Python from the repository root, its stderr piped."""
   return subprocess.Popen(
     [sys.executable, os.path.join(ROOT, "scripts", name), *args],
     cwd=ROOT,
     stderr=subprocess.PIPE,
     text=True,
+    env={**os.environ, **(env or {})},
   )
+
+
+# For a child that may be interrupted anywhere: JAX writes a cache entry and then, apart, its
+# access time; an entry left without one by an interrupt breaks every later write to the cache
+# the whole run shares (its size check reads them all), so such a child does not touch it.
+NO_SHARED_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 
 
 def read_until(process: subprocess.Popen, text: str) -> None:

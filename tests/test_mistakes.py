@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, read_until, run_script, start_script
+from conftest import NO_SHARED_CACHE, ROOT, read_until, run_script, start_script
 from test_reliability import _LIMITED  # a script run with files limited, as on a full disk
 
 from gan import checkpointing, inference
@@ -77,8 +77,8 @@ def test_a_disk_that_fills_while_a_sample_grid_is_written_is_one_line(workdir):
   assert not os.listdir(os.path.join(workdir, "samples"))
 
 
-def _start_training(workdir: str) -> subprocess.Popen:
-  return start_script("train.py", *_SMOKE, f"--workdir={workdir}")
+def _start_training(workdir: str, env=None) -> subprocess.Popen:
+  return start_script("train.py", *_SMOKE, f"--workdir={workdir}", env=env)
 
 
 @pytest.mark.slow
@@ -94,7 +94,7 @@ def test_ctrl_c_while_the_run_starts_saves_nothing_and_exits_cleanly(workdir):
 
 @pytest.mark.slow
 def test_ctrl_c_before_the_trainer_runs_is_one_line(workdir):
-  process = _start_training(workdir)
+  process = _start_training(workdir, env=NO_SHARED_CACHE)  # the interrupt may land in a write
   time.sleep(1.0)  # the script is importing its libraries
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=120)
