@@ -90,6 +90,11 @@ def sampler(nets: Networks):
   return jax.jit(functools.partial(step_lib.generate, nets))
 
 
+def noise(key: jax.Array, num: int, latent_dim: int) -> np.ndarray:
+  """`num` latent vectors drawn from `key`, as numpy: the fixed noise of an evaluation."""
+  return np.asarray(jax.random.normal(key, (num, latent_dim)))
+
+
 def generate_many(sample_fn, params, batch_stats, noise: np.ndarray, chunk: int = 250):
   """Samples for a long noise batch, `chunk` at a time to bound memory, as numpy.
 

@@ -388,7 +388,7 @@ def _set_up_evaluation(run: _Run) -> None:
   config = run.config
   root = state_lib.root_key(config)
   latent_dim = run.nets.latent_dim
-  run.grid_noise = _noise(
+  run.grid_noise = inference.noise(
     jax.random.fold_in(root, state_lib.FIXED_NOISE_KEY), config.eval.grid_size, latent_dim
   )
   if parallel.is_main_process():
@@ -401,13 +401,13 @@ def _set_up_evaluation(run: _Run) -> None:
   run.probe = signals.HealthProbe(
     config,
     real_images[: config.collapse.num_samples],
-    _noise(health_key, config.collapse.num_samples, latent_dim),
+    inference.noise(health_key, config.collapse.num_samples, latent_dim),
     functools.partial(step_lib.generate, run.nets),
     health_key,
   )
   if config.eval.metrics:
     eval_key = jax.random.fold_in(root, state_lib.EVAL_KEY)
-    run.eval_noise = _noise(eval_key, config.eval.num_samples, latent_dim)
+    run.eval_noise = inference.noise(eval_key, config.eval.num_samples, latent_dim)
     run.evaluator = quality.Evaluator(
       config.eval.metrics,
       real_images[: config.eval.num_samples],
@@ -424,10 +424,6 @@ def _report_progress(config, step: int) -> periodic_actions.ReportProgress:
   )
   report(step)  # its first call only notes where it starts
   return report
-
-
-def _noise(key: jax.Array, num: int, latent_dim: int) -> np.ndarray:
-  return np.asarray(jax.random.normal(key, (num, latent_dim)))
 
 
 def _batches(source: pipeline.Source, config: ml_collections.ConfigDict, start_step: int):

@@ -62,7 +62,6 @@ def _count_modes(config, state, num: int) -> dict:
   """modes_covered and kl_uniform of `num` samples of the EMA and of the raw generator."""
   # Imported here: a study of other data never loads the classifier.
   import jax
-  import numpy as np
 
   from gan import config as config_lib
   from gan import inference
@@ -72,7 +71,7 @@ def _count_modes(config, state, num: int) -> dict:
   nets, _ = create_train_state(config_lib.validate(config))
   sample = inference.sampler(nets)
   key = jax.random.key(config.train.seed, impl=config.train.prng_impl)
-  noise = np.asarray(jax.random.normal(key, (num, nets.latent_dim)))
+  noise = inference.noise(key, num, nets.latent_dim)
   classifier = mode_classifier.load_classifier()
   counts = {"num_samples": num}
   for name, params in (("ema", state.ema), ("raw", state.g.params)):

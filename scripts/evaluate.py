@@ -66,10 +66,9 @@ def main(argv):
     inception_weights=config.eval.inception_weights,
     require_inception=_METRICS.value is not None,
   )
-  noise = np.asarray(jax.random.normal(key, (num, nets.latent_dim)))
-  sample_fn = inference.sampler(nets)
+  noise = inference.noise(key, num, nets.latent_dim)
   params = state.ema if _GENERATOR.value == "ema" else state.g.params
-  fake = inference.generate_many(sample_fn, params, state.g.batch_stats, noise)
+  fake = inference.generate_many(inference.sampler(nets), params, state.g.batch_stats, noise)
   results = {
     "step": int(state.step),
     "num_samples": num,
