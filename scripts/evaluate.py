@@ -3,10 +3,11 @@
     python scripts/evaluate.py --workdir=runs/dcgan [--step=N] [--metrics=swd,fid,kid]
 
 Generates --num_samples images from the EMA generator of the chosen checkpoint (the latest by
-default; --generator=raw for its raw weights) and compares them with as many training images. All metrics but swd need pytorch-fid's
-Inception weights, downloaded into ~/.cache/gan on first use (see README). When they cannot be
-had, metrics asked for with --metrics are an error of one line; metrics taken from the run's
-eval.metrics are skipped with a warning.
+default; --generator=raw for its raw weights) and compares them with as many training images, or
+with the images at --real_path (a held-out split of the same kind of data). All metrics but swd
+need pytorch-fid's Inception weights, downloaded into ~/.cache/gan on first use (see README). When
+they cannot be had, metrics asked for with --metrics are an error of one line; metrics taken from
+the run's eval.metrics are skipped with a warning.
 
     python scripts/evaluate.py --workdir=runs/dcgan_synthetic --metrics=modes
 
@@ -34,6 +35,12 @@ _MODES_SAMPLES = 26_000  # PacGAN's protocol for counting Stacked-MNIST's 1,000 
 _GENERATOR = flags.DEFINE_enum(
   "generator", "ema", ["ema", "raw"], "The EMA of G's weights (what samples show) or the raw ones."
 )
+_REAL_PATH = flags.DEFINE_string(
+  "real_path",
+  None,
+  "Compare with the images here (a data.path of the run's data.source, e.g. a held-out split) "
+  "instead of the run's own.",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generator noise and the metrics' randomness.")
 
 
@@ -47,10 +54,16 @@ def main(argv):
   from gan.data import pipeline
   from gan.metrics import quality
 
+  if _REAL_PATH.value is not None and not os.path.exists(_REAL_PATH.value):
+    raise UserError(f"--real_path {_REAL_PATH.value} does not exist")
   config, nets, state = inference.load_run(_WORKDIR.value, _STEP.value)
   metrics = _METRICS.value or list(config.eval.metrics) or ["swd"]
   if "modes" in metrics and config.data.source != "synthetic_faces":
     raise UserError(f"--metrics=modes needs a synthetic_faces run, not {config.data.source}")
+  if _REAL_PATH.value is not None:
+    if config.data.source == "synthetic_faces":
+      raise UserError("--real_path needs a run on anime_faces or image_folder, not synthetic_faces")
+    config.data.path = _REAL_PATH.value
   modes_only = _METRICS.value == ["modes"]
   num = _NUM_SAMPLES.value or (_MODES_SAMPLES if modes_only else config.eval.num_samples)
   source = pipeline.Source(config.data)
@@ -73,6 +86,7 @@ def main(argv):
     "step": int(state.step),
     "num_samples": num,
     "generator": _GENERATOR.value,
+    "real": config.data.path if config.data.source != "synthetic_faces" else "synthetic_faces",
     **evaluator(fake),
   }
   logging.info("Evaluated %s: %s", os.path.abspath(_WORKDIR.value), results)

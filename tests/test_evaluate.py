@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_script, tiny_config
 from inception_layout import random_state_dict
+from PIL import Image
 from torch_files import write_pth
 
 from configs import default
@@ -224,3 +225,42 @@ def test_the_modes_metric_needs_synthetic_faces():
   config.eval.metrics = ("modes",)
   with pytest.raises(UserError, match="synthetic_faces"):
     config_lib.validate(config)
+
+
+def _write_solid_images(folder, colours):
+  folder.mkdir()
+  for i, colour in enumerate(colours):
+    Image.new("RGB", (32, 32), colour).save(folder / f"{i:02d}.png")
+
+
+@pytest.mark.slow
+def test_evaluate_compares_with_a_held_out_folder_given_by_real_path(tmp_path):
+  """The same samples score another SWD against other images, and the output names them."""
+  _write_solid_images(tmp_path / "train", [(16 * i, 255 - 16 * i, 128) for i in range(16)])
+  _write_solid_images(tmp_path / "held_out", [(0, 0, 0)] * 8 + [(255, 255, 255)] * 8)
+  config = tiny_config("dense", train__num_steps=2)
+  config.data.source, config.data.path = "image_folder", str(tmp_path / "train")
+  config.eval.num_samples = 16
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  scores = {}
+  for name in ("train", "held_out"):
+    args = [] if name == "train" else [f"--real_path={tmp_path / name}"]
+    result = run_script("evaluate.py", f"--workdir={workdir}", "--num_samples=16", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores[name] = json.loads(result.stdout)
+    assert scores[name]["real"] == str(tmp_path / name)
+  assert scores["train"]["swd_mean"] != scores["held_out"]["swd_mean"]
+
+  missing = run_script("evaluate.py", f"--workdir={workdir}", f"--real_path={tmp_path / 'nowhere'}")
+  last = missing.stderr.strip().splitlines()[-1]
+  assert (
+    missing.returncode == 2 and last == f"error: --real_path {tmp_path / 'nowhere'} does not exist"
+  )
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_real_path_for_synthetic_faces(run):
+  result = run_script("evaluate.py", f"--workdir={run}", "--real_path=/tmp")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "--real_path needs a run on anime_faces or image_folder" in result.stderr.splitlines()[-1]

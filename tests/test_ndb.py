@@ -27,6 +27,14 @@ def test_kmeans_finds_well_separated_clusters():
     assert np.min(np.linalg.norm(centroids - mean, axis=1)) < 0.3
 
 
+def test_fewer_distinct_real_layouts_than_bins_still_gives_finite_bins():
+  """Solid-colour images all have the same layout (their mean colour is taken out)."""
+  real = np.concatenate([np.full((4, 32, 32, 3), v, np.float32) for v in (-0.5, 0.0, 0.5)])
+  bins = ndb.NDB(real, num_bins=8, seed=0)
+  assert bins.centroids.shape == (8, ndb.THUMBNAIL**2 * 3) and np.isfinite(bins.centroids).all()
+  assert float(bins.fraction(jnp.asarray(real))) == 0.0  # the real images do not differ
+
+
 def test_each_bin_takes_the_points_nearest_its_centroid():
   rng = np.random.default_rng(1)
   points, centroids = rng.normal(size=(50, 4)), rng.normal(size=(5, 4))

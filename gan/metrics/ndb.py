@@ -40,7 +40,8 @@ def kmeans(points: np.ndarray, k: int, seed: int, iterations: int = 25) -> np.nd
   centroids = [points[rng.integers(len(points))]]
   for _ in range(1, k):  # k-means++: each new centroid far from the chosen ones
     distance = _squared_distances(points, np.stack(centroids)).min(axis=1)
-    centroids.append(points[rng.choice(len(points), p=distance / distance.sum())])
+    total = distance.sum()  # 0 once every distinct point is chosen: then any point will do
+    centroids.append(points[rng.choice(len(points), p=distance / total if total else None)])
   centroids = np.stack(centroids)
   for _ in range(iterations):
     distances = _squared_distances(points, centroids)
