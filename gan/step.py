@@ -175,11 +175,15 @@ def train_step(nets: Networks, config: ml_collections.ConfigDict, state: TrainSt
     rng: this step's key, fold_in(state.rng, step).
 
   Returns:
-    The new state and a dict of scalar metrics (device arrays; fetched by the caller when needed).
+    The new state and a dict of scalar metrics (device arrays; fetched by the caller when needed);
+    D's are means over its updates, so a lazy penalty counts however many updates carried it.
   """
   real = batch["image"]
+  d_updates = []
   for i in range(config.d_steps):
-    state, d_metrics = d_step(nets, config, state, real, jax.random.fold_in(rng, i))
+    state, metrics = d_step(nets, config, state, real, jax.random.fold_in(rng, i))
+    d_updates.append(metrics)
+  d_metrics = jax.tree.map(lambda *values: sum(values) / len(values), *d_updates)
   state, g_metrics = g_step(
     nets, config, state, real.shape[0], jax.random.fold_in(rng, config.d_steps)
   )

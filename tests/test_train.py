@@ -144,6 +144,23 @@ def test_d_steps_runs_that_many_discriminator_updates():
   assert int(state.g.opt_state.count) == 1
 
 
+def test_d_metrics_are_means_over_the_d_updates_of_a_step():
+  """With R1 on every second D update and two updates a step, only the first carries R1."""
+  config = tiny_config("dense", train__d_steps=2, train__r1_gamma=1.0, train__r1_every=2)
+  nets, state = state_lib.create_train_state(config)
+  real, rng = _real_batch(config), jax.random.PRNGKey(0)
+  _, metrics = step_lib.train_step(nets, config.train, state, real, rng)
+  each = []
+  for i in range(2):
+    state, updated = step_lib.d_step(
+      nets, config.train, state, real["image"], jax.random.fold_in(rng, i)
+    )
+    each.append(updated)
+  assert float(each[0]["d_r1"]) > 0 and float(each[1]["d_r1"]) == 0
+  for name in each[0]:
+    np.testing.assert_allclose(metrics[name], (each[0][name] + each[1][name]) / 2, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["non_saturating", "hinge", "least_squares", "wgan_gp"])
 def test_each_loss_rewards_d_for_telling_real_from_fake(name):
   confident = losses.discriminator_loss(name, jnp.full(8, 5.0), jnp.full(8, -5.0))
