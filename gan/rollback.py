@@ -7,12 +7,15 @@ falling), and changes what made the run fall: a new random stream; learning rate
 keep lowering them even when they go back to the same checkpoint; and Adam's beta1 set to
 `collapse.rollback_b1` when that is given. Each rollback is one JSON line in
 WORKDIR/rollbacks.jsonl, strict JSON that any reader accepts: a non-finite number (a NaN health
-signal, say) is written as null, and the reason says which value was not finite.
+signal, say) is written as null, and the reason says which value was not finite. The sample
+grids of the steps a rollback abandons move to WORKDIR/samples/rollback_<N>/, where the steps
+trained again cannot overwrite them: they show what the collapse looked like.
 """
 
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gan import checkpointing, parallel
+from gan import checkpointing, parallel, sampling
 from gan import state as state_lib
 from gan.health import verdict
 
@@ -92,6 +95,22 @@ def record(workdir: str, event: Mapping) -> None:
   )
   with open(os.path.join(workdir, ROLLBACKS_FILE), "a") as f:
     f.write(line + "\n")
+
+
+def set_grids_aside(workdir: str, after_step: int, rollback_number: int) -> list[str]:
+  """Moves WORKDIR/samples/step_N.png with N > `after_step` to samples/rollback_<number>/.
+
+  Returns the names moved.
+  """
+  folder = os.path.join(workdir, sampling.SAMPLES_DIR)
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  later = sorted(n for n in names if (sampling.grid_step(n) or 0) > after_step)
+  if later:
+    aside = os.path.join(folder, f"rollback_{rollback_number}")
+    os.makedirs(aside, exist_ok=True)
+    for name in later:
+      shutil.move(os.path.join(folder, name), os.path.join(aside, name))
+  return later
 
 
 def _finite_or_null(value):

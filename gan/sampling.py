@@ -6,11 +6,26 @@ noise vectors, and nearest neighbours in pixel space (a memorisation check).
 
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+SAMPLES_DIR = "samples"  # WORKDIR/samples: a run's grids
+_GRID_NAME = re.compile(r"step_(\d+)\.png")
+
+
+def grid_path(workdir: str, step: int) -> str:
+  """Where a run's sample grid of `step` goes: WORKDIR/samples/step_NNNNNNN.png."""
+  return os.path.join(workdir, SAMPLES_DIR, f"step_{step:07d}.png")
+
+
+def grid_step(name: str) -> int | None:
+  """The step of a grid file's name, or None for any other file."""
+  match = _GRID_NAME.fullmatch(name)
+  return int(match[1]) if match else None
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

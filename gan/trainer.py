@@ -221,7 +221,7 @@ def _evaluate(run: _Run, nonfinite: bool) -> verdict.Judgement:
   grid = sampling.make_grid(parallel.to_host(images))
   run.writer.write_images(run.step, {"samples": grid[None]})
   if parallel.is_main_process():
-    sampling.save_png(os.path.join(run.workdir, "samples", f"step_{run.step:07d}.png"), grid)
+    sampling.save_png(sampling.grid_path(run.workdir, run.step), grid)
   if run.evaluator is not None and not nonfinite:
     run.scores = {}
     for prefix, params in _generators(run):
@@ -280,6 +280,7 @@ def _roll_back(run: _Run, judgement: verdict.Judgement) -> None:
   run.rollbacks += 1
   if parallel.is_main_process():
     rollback.record(run.workdir, event)
+    rollback.set_grids_aside(run.workdir, event["to_step"], run.rollbacks)
   run.writer.write_scalars(run.step, {"collapse/rollbacks": run.rollbacks})
   run.writer = (
     monitoring.next_attempt(  # the abandoned steps stay in a TensorBoard run of their own

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import judge_only_non_finite, poison, run_script, tiny_config
+from PIL import Image
 
 from configs import collapse_demo, dcgan, dense
-from gan import checkpointing, rollback, trainer
+from gan import checkpointing, rollback, sampling, trainer
 from gan import config as config_lib
 from gan import state as state_lib
 from gan.data import synthetic_faces
@@ -162,6 +163,15 @@ def test_a_diverging_run_rolls_back_to_its_last_healthy_checkpoint_and_recovers(
   assert verdict.is_healthy(done.metrics(8))
   aside = os.path.join(workdir, checkpointing.ASIDE_DIR)
   assert any("5" in os.listdir(os.path.join(aside, d)) for d in os.listdir(aside))
+  # The abandoned attempt's grid of step 6 is kept apart from the grid the new attempt drew.
+  samples = os.path.join(workdir, sampling.SAMPLES_DIR)
+  assert os.listdir(os.path.join(samples, "rollback_1")) == ["step_0000006.png"]
+  assert sorted(n for n in os.listdir(samples) if n.endswith(".png")) == [
+    f"step_{s:07d}.png" for s in (2, 4, 6, 8)
+  ]
+  collapsed = Image.open(os.path.join(samples, "rollback_1", "step_0000006.png"))
+  recovered = Image.open(sampling.grid_path(workdir, 6))
+  assert np.asarray(collapsed).tobytes() != np.asarray(recovered).tobytes()
 
 
 @pytest.mark.slow
