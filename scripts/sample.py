@@ -1,4 +1,4 @@
-"""Draws samples from a trained run's EMA generator.
+"""Draws samples from a trained run's EMA generator (or, with --generator=raw, its raw weights).
 
     python scripts/sample.py --workdir=runs/dcgan --out=grid.png [--num=64] [--truncation=1.5]
     python scripts/sample.py --workdir=runs/dcgan --out=samples/ --single
@@ -35,6 +35,9 @@ _INTERPOLATE = flags.DEFINE_bool("interpolate", False, "Latent interpolations: P
 _NEAREST = flags.DEFINE_bool("nearest", False, "Each sample beside its nearest training images.")
 _K = flags.DEFINE_integer("k", 3, "--nearest: training images shown per sample.")
 _NEAREST_POOL = flags.DEFINE_integer("nearest_pool", 2048, "--nearest: training images searched.")
+_GENERATOR = flags.DEFINE_enum(
+  "generator", "ema", ["ema", "raw"], "The EMA of G's weights (as training draws) or the raw ones."
+)
 
 # Columns of an interpolation strip, and frames of its GIF each way.
 _STEPS = 8
@@ -70,7 +73,8 @@ def _generate(nets, state, z: np.ndarray, key) -> np.ndarray:
   if num < _MIN_BATCH:
     pad = sampling.truncated_noise(key, _MIN_BATCH - num, z.shape[1], _TRUNCATION.value)
     z = np.concatenate([z, np.asarray(pad)])
-  images = inference.sampler(nets)(state.ema, state.g.batch_stats, z)
+  params = state.ema if _GENERATOR.value == "ema" else state.g.params
+  images = inference.sampler(nets)(params, state.g.batch_stats, z)
   return np.asarray(images[:num])
 
 

@@ -24,6 +24,7 @@ PADDING = 2  # make_grid's default
 _RUNS = {
   "grid": ["--out=grid.png", "--num=9", "--truncation=1.5"],
   "single": ["--out=samples", "--num=5", "--single"],
+  "single_raw": ["--out=samples_raw", "--num=5", "--single", "--generator=raw"],
   "interpolate": ["--out=walk.png", "--num=16", "--interpolate"],
   "nearest": ["--out=nearest.png", "--num=4", "--nearest", "--k=2"],
   "no_workdir": ["--out=x.png", "--workdir=/nonexistent/run"],
@@ -41,7 +42,10 @@ def runs(tmp_path_factory):
   """
   folder = tmp_path_factory.mktemp("sample")
   workdir = str(folder / "run")
-  trainer.train_and_evaluate(tiny_config("dense", train__num_steps=2), workdir)
+  # A fast learning rate and an EMA with no warm-up: after two steps the raw weights have moved
+  # visibly from their EMA, which has barely left the initial weights.
+  config = tiny_config("dense", train__num_steps=2, train__g_lr=0.02, train__ema_rampup=0.0)
+  trainer.train_and_evaluate(config, workdir)
   processes = {}
   for name, args in _RUNS.items():
     args = [a.replace("--out=", f"--out={folder}/") for a in args]
@@ -79,6 +83,33 @@ def test_single_writes_one_png_per_sample(runs):
   files = sorted(os.listdir(out))
   assert len(files) == 5
   assert Image.open(out / files[0]).size == (RESOLUTION, RESOLUTION)
+
+
+def _pngs(folder) -> np.ndarray:
+  return np.stack([np.asarray(Image.open(folder / f)) for f in sorted(os.listdir(folder))])
+
+
+@pytest.mark.slow
+def test_generator_raw_draws_the_raw_weights(runs):
+  """The same noise through the run's raw weights, computed here, gives --generator=raw's PNGs."""
+  import jax
+
+  from gan import inference
+
+  folder = _ok(runs, "single_raw")
+  _ok(runs, "single")
+  config, nets, state = inference.load_run(str(folder / "run"))
+  impl = config.train.prng_impl
+  z = sampling.truncated_noise(jax.random.key(0, impl=impl), 5, nets.latent_dim, None)
+  pad = sampling.truncated_noise(jax.random.key(1, impl=impl), 64 - 5, nets.latent_dim, None)
+  z = np.concatenate([z, pad])
+  draw = inference.sampler(nets)
+  raw = sampling.to_uint8(np.asarray(draw(state.g.params, state.g.batch_stats, z))[:5])
+  ema = sampling.to_uint8(np.asarray(draw(state.ema, state.g.batch_stats, z))[:5])
+  written_raw, written_ema = _pngs(folder / "samples_raw"), _pngs(folder / "samples")
+  assert np.abs(raw.astype(int) - ema.astype(int)).max() > 8  # the two generators differ
+  np.testing.assert_allclose(written_raw, raw, atol=1)
+  np.testing.assert_allclose(written_ema, ema, atol=1)
 
 
 @pytest.mark.slow
