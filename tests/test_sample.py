@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-from gan import sampling, trainer
+from gan import inference, sampling, trainer
 
 pytestmark = pytest.mark.xdist_group("test_sample")  # its tests share runs: one worker
 
@@ -91,11 +91,8 @@ def _pngs(folder) -> np.ndarray:
 
 @pytest.mark.slow
 def test_generator_raw_draws_the_raw_weights(runs):
-  """The same noise through the run's raw weights, computed here, gives --generator=raw's PNGs."""
-  import jax
-
-  from gan import inference
-
+  """The same noise through the run's raw weights, computed here, gives --generator=raw's PNGs
+  (the script pads a request below 64 samples to 64 with noise from --seed + 1)."""
   folder = _ok(runs, "single_raw")
   _ok(runs, "single")
   config, nets, state = inference.load_run(str(folder / "run"))
