@@ -85,6 +85,11 @@ def load_run(
     ckpt.close()
 
 
+def generator_params(state: TrainState, generator: str):
+  """The weights of a state's `generator`: 'ema' (what training draws) or 'raw'."""
+  return state.ema if generator == "ema" else state.g.params
+
+
 def sampler(nets: Networks):
   """jit(generate) for these networks: (params, batch_stats, z) -> images."""
   return jax.jit(functools.partial(step_lib.generate, nets))

@@ -80,7 +80,7 @@ def main(argv):
     require_inception=_METRICS.value is not None,
   )
   noise = inference.noise(key, num, nets.latent_dim)
-  params = state.ema if _GENERATOR.value == "ema" else state.g.params
+  params = inference.generator_params(state, _GENERATOR.value)
   fake = inference.generate_many(inference.sampler(nets), params, state.g.batch_stats, noise)
   results = {
     "step": int(state.step),

@@ -73,7 +73,7 @@ def _generate(nets, state, z: np.ndarray, key) -> np.ndarray:
   if num < _MIN_BATCH:
     pad = sampling.truncated_noise(key, _MIN_BATCH - num, z.shape[1], _TRUNCATION.value)
     z = np.concatenate([z, np.asarray(pad)])
-  params = state.ema if _GENERATOR.value == "ema" else state.g.params
+  params = inference.generator_params(state, _GENERATOR.value)
   images = inference.sampler(nets)(params, state.g.batch_stats, z)
   return np.asarray(images[:num])
 
