@@ -75,13 +75,25 @@ def _os_error(error: OSError) -> str:
   return f"{error.strerror or error}{f': {where}' if where else ''}"
 
 
+# What Orbax leaves behind after a failed save or restore, which the trainer reports by itself:
+# TensorStore's callbacks into Orbax's closed event loop, and the array reads a failed restore
+# left pending, each raising again when collected (from TensorStore's threads, at any time).
+_PENDING_READ = "_read_array_index_and_device_put"
+
+
+def is_orbax_leftover(unraisable) -> bool:
+  """Whether a sys.unraisablehook argument is one of Orbax's leftovers above."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True
+  return getattr(unraisable.object, "__name__", None) == _PENDING_READ
+
+
 def _unraisable(hook):
-  """Wraps sys.unraisablehook to drop TensorStore's callbacks into Orbax's closed event loop,
-  which follow a failed save that the trainer reports by itself."""
+  """Wraps sys.unraisablehook to drop Orbax's leftovers (is_orbax_leftover)."""
 
   def quieter(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    if not is_orbax_leftover(unraisable):
       hook(unraisable)
 
   return quieter

@@ -21,7 +21,8 @@ from gan.errors import UserError
 
 pytestmark = pytest.mark.xdist_group("test_benchmark")  # its tests share runs: one worker
 
-# tiny_config("dcgan") as flags, with as few timed steps as give a median.
+# tiny_config("dcgan") as flags, with as few timed steps as give a median; the input pipeline
+# is timed in-process (test_the_input_pipeline_is_timed_decoding_and_from_its_cache).
 TINY_DCGAN = [
   "--config=configs/dcgan.py:smoke",
   "--config.train.batch_size=8",
@@ -29,8 +30,9 @@ TINY_DCGAN = [
   "--config.data.num_examples=128",
   "--repeats=2",
   "--steps=2",
-  "--input_batches=2",
+  "--input_batches=0",
 ]
+LOOP_STEPS = 4  # the shared report also runs the trainer for these steps
 MEASUREMENTS = (
   "compile_seconds",
   "step_seconds_median",
@@ -39,14 +41,12 @@ MEASUREMENTS = (
   "achieved_flops_per_second",
   "matmul_ceiling_flops_per_second",
   "fraction_of_ceiling",
-  "input_pipeline_images_per_second",
-  "input_pipeline_cached_images_per_second",
 )
 
 
 @pytest.fixture(scope="session")  # once per worker, however the tests interleave
 def report():
-  result = run_script("benchmark.py", *TINY_DCGAN)
+  result = run_script("benchmark.py", *TINY_DCGAN, f"--loop_steps={LOOP_STEPS}")
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout)  # stdout holds the JSON object and nothing else
 
@@ -154,23 +154,30 @@ def test_a_versus_block_alternates_with_ours_and_the_speedup_is_the_median_pair(
 
 
 @pytest.mark.slow
-def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline():
-  config = tiny_config("dcgan", checkpoint__every=1000, eval__every=500)
-  result = speed.run(config, repeats=1, steps=1, input_batches=0, loop_steps=6)
-  assert result["input_pipeline_images_per_second"] is None
-  assert "--input_batches=0" in result["input_pipeline_error"]
-  loop = result["loop"]
-  assert loop["steps"] == 6
+def test_loop_steps_run_the_trainer_and_zero_input_batches_skip_the_pipeline(report):
+  assert report["input_pipeline_images_per_second"] is None
+  assert "--input_batches=0" in report["input_pipeline_error"]
+  loop = report["loop"]
+  assert loop["steps"] == LOOP_STEPS
   for name in ("first_step_seconds", "step_seconds", "evaluation_seconds", "checkpoint_seconds"):
     assert 0 < loop[name] < 600, (name, loop[name])
   # The overheads are projected onto the config's own intervals, not the loop's shorter ones.
-  step = result["step_seconds_median"]
+  smoke = dcgan.get_config("smoke")
+  step = report["step_seconds_median"]
   assert loop["host_overhead_fraction"] == pytest.approx(
-    (loop["step_seconds"] + loop["checkpoint_seconds"] / 1000) / step - 1
+    (loop["step_seconds"] + loop["checkpoint_seconds"] / smoke.checkpoint.every) / step - 1
   )
   assert loop["evaluation_overhead_fraction"] == pytest.approx(
-    loop["evaluation_seconds"] / 500 / step
+    loop["evaluation_seconds"] / smoke.eval.every / step
   )
+
+
+def test_the_input_pipeline_is_timed_decoding_and_from_its_cache():
+  config = tiny_config("dcgan")
+  config.data.cache = True
+  rates = speed.time_input_pipeline(config, batches=2)
+  for name in ("input_pipeline_images_per_second", "input_pipeline_cached_images_per_second"):
+    assert math.isfinite(rates[name]) and rates[name] > 0, name
 
 
 @pytest.mark.slow

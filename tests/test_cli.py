@@ -5,6 +5,7 @@ import gc
 import logging
 import subprocess
 import sys
+import types
 
 import pytest
 from conftest import ROOT, run_script
@@ -44,6 +45,50 @@ def test_other_asyncio_errors_are_still_reported(asyncio_records):
   loop.close()
   (record,) = asyncio_records
   assert "callback failed" in record.getMessage()
+
+
+def _collected_unraisables(coroutine_function) -> list:
+  """What reaches the scripts' sys.unraisablehook when a suspended coroutine of this function,
+  which raises on being closed (as Orbax's pending reads do), is collected."""
+  reached = []
+  before = sys.unraisablehook
+  sys.unraisablehook = cli._unraisable(reached.append)
+  try:
+    coroutine = coroutine_function()
+    coroutine.send(None)  # suspended at its await
+    del coroutine
+    gc.collect()
+  finally:
+    sys.unraisablehook = before
+  return reached
+
+
+class _Pending:
+  def __await__(self):
+    yield
+
+
+async def _read_array_index_and_device_put():  # the name of Orbax's read
+  try:
+    await _Pending()
+  except GeneratorExit as e:
+    raise Exception("Encountered error while reading array index") from e
+
+
+async def _some_other_read():
+  try:
+    await _Pending()
+  except GeneratorExit as e:
+    raise Exception("an error of ours") from e
+
+
+def test_orbax_leftovers_are_dropped_and_other_unraisables_reach_the_hook():
+  assert _collected_unraisables(_read_array_index_and_device_put) == []
+  (other,) = _collected_unraisables(_some_other_read)
+  assert str(other.exc_value) == "an error of ours"
+  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None)
+  assert cli.is_orbax_leftover(closed)
+  assert not cli.is_orbax_leftover(types.SimpleNamespace(exc_value=RuntimeError("x"), object=None))
 
 
 # A script whose main ends as `sys.argv[1]` says, after arranging for interpreter shutdown to

@@ -27,7 +27,7 @@ config.eval.metrics = ()
 trainer.train_and_evaluate(config, sys.argv[1])
 """
 _SETTINGS = {
-  "train__num_steps": 100,
+  "train__num_steps": 60,  # past where four kills can reach (at most 12 steps each)
   "checkpoint__every": 4,
   "eval__every": 4,
   "train__log_every": 4,
@@ -46,11 +46,14 @@ def _start(workdir: str, env: dict) -> subprocess.Popen:
   )
 
 
-def _wait_for_save(directory: str, step: int, child: subprocess.Popen) -> None:
+def _wait_for_save(directory: str, step: int, child: subprocess.Popen, finished: bool) -> None:
+  """Waits until the save of a step >= `step` has begun (its temporary directory appears) or,
+  with `finished`, has ended (the directory has its final name, the step alone)."""
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline and child.poll() is None:
     names = os.listdir(directory) if os.path.isdir(directory) else []
-    if any(int(name.split(".")[0]) >= step for name in names if name.split(".")[0].isdigit()):
+    steps = [n if finished else n.split(".")[0] for n in names]
+    if any(int(s) >= step for s in steps if s.isdigit()):
       return
     time.sleep(0.01)
 
@@ -60,7 +63,7 @@ def _leaves(state):
 
 
 @pytest.mark.slow
-def test_killed_eight_times_the_run_resumes_and_ends_bit_for_bit_as_an_unbroken_one(tmp_path):
+def test_killed_four_times_the_run_resumes_and_ends_bit_for_bit_as_an_unbroken_one(tmp_path):
   workdir = str(tmp_path / "killed")
   cache = str(tmp_path / "xla_cache")  # the children share compiled programs: restarts are quick
   env = {
@@ -73,19 +76,20 @@ def test_killed_eight_times_the_run_resumes_and_ends_bit_for_bit_as_an_unbroken_
   }
   rng = np.random.default_rng(20)
   progress = []
-  for _ in range(8):
+  for kill in range(4):
     start = progress[-1] if progress else 0
     child = _start(workdir, env)
     # Wait, however loaded the machine, until the save of a step 1-3 checkpoints ahead has begun
-    # (its temporary directory appears), then a random moment more: mid-save, or steps later.
+    # (every other kill: has ended, so the run moves on), then a random moment more: mid-save,
+    # or steps later.
     ahead = start + _SETTINGS["checkpoint__every"] * rng.integers(1, 4)
-    _wait_for_save(os.path.join(workdir, "checkpoints"), ahead, child)
+    _wait_for_save(os.path.join(workdir, "checkpoints"), ahead, child, finished=kill % 2 == 0)
     time.sleep(rng.uniform(0.0, 0.3))
     child.send_signal(signal.SIGKILL)
     child.communicate()
     steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
     progress.append(steps[-1] if steps else 0)
-  assert len(set(progress)) > 3, f"the kills did not land at various steps: {progress}"
+  assert len(set(progress)) >= 2, f"the kills did not land at various steps: {progress}"
 
   finished = _start(workdir, env)
   _, stderr = finished.communicate(timeout=600)

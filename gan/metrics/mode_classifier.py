@@ -93,7 +93,8 @@ def load_classifier(path: str = DEFAULT_WEIGHTS) -> ModeClassifier:
   """
   if not os.path.exists(path):
     raise UserError(f"no mode-classifier weights at {path}; rebuild them with: {REBUILD_COMMAND}")
-  classifier = ModeClassifier(rngs=nnx.Rngs(0))
+  # Shapes only: every parameter is read from the file, so no initialiser need run.
+  classifier = nnx.eval_shape(lambda: ModeClassifier(rngs=nnx.Rngs(0)))
   expected = {
     _name(key): (key, variable.get_value().shape) for key, variable in _params(classifier)
   }
