@@ -122,15 +122,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_earlier_ones_stay_good(
   workdir,
 ):
-  flags = [f"--workdir={workdir}", "--config=configs/dcgan.py:smoke", "--config.train.num_steps=20"]
-  first = run_script("train.py", *flags)
+  # The smoke config's networks, saving and evaluating every 4 steps.
+  every = ["--config.checkpoint.every=4", "--config.eval.every=4"]
+  flags = [f"--workdir={workdir}", "--config=configs/dcgan.py:smoke", *every]
+  first = run_script("train.py", *flags, "--config.train.num_steps=4")
   assert first.returncode == 0, first.stderr[-2000:]
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   _, template = state_lib.create_train_state(dcgan.get_config("smoke"))
-  saved = _leaves(ckpt.restore(20, template))
+  saved = _leaves(ckpt.restore(4, template))
 
   # Files may not grow past 500 kB: the events and samples fit, the next checkpoint does not.
-  more = [*flags[:-1], "--config.train.num_steps=40"]
+  more = [*flags, "--config.train.num_steps=8"]
   script = os.path.join(ROOT, "scripts", "train.py")
   full = subprocess.run(
     [sys.executable, "-c", _LIMITED, "500000", script, *more],
@@ -144,15 +146,15 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_earlier_ones
   assert "Traceback" not in full.stderr, full.stderr[-3000:]
   last = full.stderr.strip().splitlines()[-1]
   assert last.startswith("error: could not save a checkpoint") and "File too large" in last
-  assert "intact (steps 20)" in last and "resume from step 20" in last
+  assert "intact (steps 4)" in last and "resume from step 4" in last
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  assert ckpt.all_steps() == [20]
-  for a, b in zip(_leaves(ckpt.restore(20, template)), saved, strict=True):
+  assert ckpt.all_steps() == [4]
+  for a, b in zip(_leaves(ckpt.restore(4, template)), saved, strict=True):
     np.testing.assert_array_equal(a, b)
 
   again = run_script("train.py", *more)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 40
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 8
 
 
 @pytest.mark.parametrize(
