@@ -27,7 +27,7 @@ config.eval.metrics = ()
 trainer.train_and_evaluate(config, sys.argv[1])
 """
 _SETTINGS = {
-  "train__num_steps": 60,  # past where four kills can reach (at most 12 steps each)
+  "train__num_steps": 60,  # beyond four kills, each about 1-3 checkpoints on: a run is left
   "checkpoint__every": 4,
   "eval__every": 4,
   "train__log_every": 4,
