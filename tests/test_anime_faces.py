@@ -135,6 +135,29 @@ def test_a_prepared_dataset_no_longer_needs_the_download(prepared):
   assert pipeline.num_examples(data_config("", data_dir, min_image_size=1)) == NUM_GOOD + 2
 
 
+def test_another_download_is_not_silently_replaced_by_the_prepared_one(prepared, tmp_path):
+  _, data_dir = prepared
+  other = tmp_path / "other"
+  (other / "images").mkdir(parents=True)
+  for name, data in list(kaggle_files().items())[:4]:  # a subset of the same files
+    (other / name).write_bytes(data)
+  with pytest.raises(
+    UserError, match=r"prepared from .*zip_manual.* holds other images \(4 files\)"
+  ):
+    anime_faces.prepare(str(other), data_dir)
+  # A copy of the same download (unpacked, elsewhere) is the same dataset.
+  for name, data in list(kaggle_files().items())[4:]:
+    (other / name).write_bytes(data)
+  assert stored(anime_faces.prepare(str(other), data_dir)) == stored(prepared[0])
+
+
+def test_a_vanished_download_leaves_the_prepared_dataset_in_use(prepared, tmp_path, caplog):
+  _, data_dir = prepared
+  builder = anime_faces.prepare(str(tmp_path / "deleted"), data_dir)
+  assert builder.info.splits["train"].num_examples == NUM_GOOD + 2
+  assert any("holds no images; using those prepared" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize(
   "contents",
   ["nothing", "unrelated zip", "broken zip", "empty images folder", "a file", "no such path"],

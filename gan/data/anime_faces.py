@@ -4,7 +4,9 @@
 `images/<id>_<year>.jpg`. The builder reads them from `data.path`, which is one of three: the
 downloaded `archive.zip` itself, a folder holding it (any *.zip there holding `images/...`) or
 its unpacked `images/` folder (itself, or a folder holding it). Preparing checks every file once, skips and counts the bad ones, and writes TFRecords
-into `data.tfds_data_dir`; after that the download is no longer needed.
+into `data.tfds_data_dir`; after that the download is no longer needed. The prepared dataset
+remembers its download (file names and sizes): a data.path naming another one is an error, never
+the old images in its place.
 
 Stored images: the original JPEG bytes whenever the file is already an RGB or grayscale JPEG
 (as the Kaggle crops are): no second lossy encoding, the smallest files, and the fastest
@@ -14,6 +16,7 @@ re-encoded as JPEG at quality 95, so every stored image is a JPEG that TensorFlo
 
 import collections
 import dataclasses
+import hashlib
 import io
 import itertools
 import os
@@ -90,6 +93,8 @@ class AnimeFaces(tfds.core.GeneratorBasedBuilder):
           else:
             yield name, {"image": image, "file_name": name}
     self.info.metadata["skipped"] = dict(skipped)
+    self.info.metadata["source"] = os.path.abspath(manual_dir)
+    self.info.metadata["fingerprint"] = files.fingerprint()
     total = len(files.names)
     if skipped:
       logging.warning("anime_faces: %s", image_folder.skip_summary(skipped, total, manual_dir))
@@ -118,12 +123,22 @@ class _Files:
     names: their paths below the images/ folder, sorted: the same for the zip and the unpacked
       folder, so both prepare the same dataset in the same order.
     paths: where to read each: a file path, or a member of `archive`.
+    sizes: each file's size in bytes (unpacked).
     archive: the zip they are in, or None for an unpacked folder.
   """
 
   names: list[str]
   paths: list[str]
+  sizes: list[int]
   archive: str | None = None
+
+  def fingerprint(self) -> str:
+    """A digest of the names and sizes: the same for a zip and its unpacked folder, different
+    for another download (a subset, a resized copy)."""
+    digest = hashlib.sha256()
+    for name, size in zip(self.names, self.sizes, strict=True):
+      digest.update(f"{name}\0{size}\n".encode())
+    return digest.hexdigest()
 
   def contents(self) -> Iterator[bytes]:
     """The bytes of each file, in order."""
@@ -147,12 +162,13 @@ def find_files(manual_dir: str) -> _Files:
   for folder in (manual_dir, os.path.join(manual_dir, _IMAGES_DIR)):
     is_images = os.path.basename(os.path.normpath(folder)) == _IMAGES_DIR
     if is_images and os.path.isdir(folder) and (paths := image_folder.find_images(folder)):
-      return _Files([os.path.relpath(path, folder) for path in paths], paths)
+      names = [os.path.relpath(path, folder) for path in paths]
+      return _Files(names, paths, [os.path.getsize(path) for path in paths])
   for archive in _zips(manual_dir):
     try:
       with zipfile.ZipFile(archive) as zf:
         members = sorted(
-          info.filename
+          (info.filename, info.file_size)
           for info in zf.infolist()
           if not info.is_dir()
           and f"/{info.filename}".rsplit("/", 2)[-2] == _IMAGES_DIR
@@ -161,7 +177,9 @@ def find_files(manual_dir: str) -> _Files:
     except (zipfile.BadZipFile, OSError):
       continue
     if members:
-      return _Files([member.rsplit("/", 1)[-1] for member in members], members, archive)
+      paths = [member for member, _ in members]
+      names = [member.rsplit("/", 1)[-1] for member in paths]
+      return _Files(names, paths, [size for _, size in members], archive)
   raise _missing_files_error(manual_dir)
 
 
@@ -200,6 +218,7 @@ def prepare(manual_dir: str, data_dir: str) -> AnimeFaces:
   """
   builder = AnimeFaces(data_dir=data_dir or None)
   if builder.is_prepared():
+    _check_source(builder, manual_dir)
     return builder
   if not manual_dir:
     raise _missing_files_error(manual_dir)
@@ -221,6 +240,32 @@ def prepare(manual_dir: str, data_dir: str) -> AnimeFaces:
     time.time() - start,
   )
   return builder
+
+
+def _check_source(builder: AnimeFaces, manual_dir: str) -> None:
+  """Fails if data.path names another download than the one the builder was prepared from:
+  the prepared images would silently stand in for it. An empty or vanished data.path is fine
+  (the download is not needed once prepared)."""
+  recorded = builder.info.metadata.get("fingerprint")
+  if not manual_dir or recorded is None:  # None: prepared before sources were recorded
+    return
+  source = builder.info.metadata.get("source", "another download")
+  try:
+    files = find_files(manual_dir)
+  except UserError:
+    logging.warning(
+      "anime_faces: data.path %s holds no images; using those prepared in %s from %s",
+      manual_dir,
+      builder.data_dir,
+      source,
+    )
+    return
+  if files.fingerprint() != recorded:
+    raise UserError(
+      f"anime_faces in {builder.data_dir} was prepared from {source}, and data.path "
+      f"{manual_dir} holds other images ({len(files.names)} files): give this download its own "
+      "--config.data.tfds_data_dir, or delete that folder to prepare it there instead"
+    )
 
 
 # The stored images per prepared dataset dir, read once per process: num_examples and
