@@ -10,6 +10,7 @@ of the listing, and each carries a checksum of its state, compared when it is re
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -48,10 +49,16 @@ class LastWhere(policies.PreservationPolicy):
 
 
 def _best(metric: str, mode: str) -> policies.PreservationPolicy:
-  """Keeps the checkpoint with the best value of `metric` ('min' or 'max' is best)."""
+  """Keeps the checkpoint with the best value of `metric` ('min' or 'max' is best). A missing or
+  NaN value (a run gone non-finite) ranks worst: NaN would upset the sort that ranks them all."""
   worst = float("inf") if mode == "min" else -float("inf")
+
+  def value(metrics) -> float:
+    found = metrics.get(metric, worst)
+    return worst if math.isnan(found) else found
+
   return policies.BestN(
-    get_metric_fn=lambda metrics: metrics.get(metric, worst),
+    get_metric_fn=value,
     reverse=mode == "min",  # BestN keeps the last of the sorted list
     n=1,
   )

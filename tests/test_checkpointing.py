@@ -117,3 +117,18 @@ def test_the_checksum_changes_with_any_value_of_any_array():
     changed = list(leaves)
     changed[i] = leaves[i].ravel().at[-1].add(1.0).reshape(leaves[i].shape)
     assert checkpointing.state_checksum(jax.tree.unflatten(treedef, changed)) != before, i
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_the_best_checkpoint_is_kept_and_a_nan_metric_is_never_best(tmp_path, mode):
+  config = tiny_config("dense")
+  _, state = state_lib.create_train_state(config)
+  ckpt = _checkpointer(
+    str(tmp_path / "checkpoints"), keep_latest=1, best_metric="fid", best_mode=mode
+  )
+  values = {1: 5.0, 2: 2.0, 3: float("nan"), 4: 4.0, 5: 8.0, 6: 3.0}
+  for step, value in values.items():
+    ckpt.save(step, state.replace(step=np.int32(step)), {"eval/fid": value})
+  ckpt.wait()
+  best = 2 if mode == "min" else 5
+  assert ckpt.all_steps() == sorted({best, 6})
