@@ -17,7 +17,7 @@ import logging as std_logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,13 +32,18 @@ _ATTEMPT_DIR = re.compile(re.escape(ATTEMPT) + r"(\d+)")
 
 
 def create_writer(
-  workdir: str, step: int = 0, config: Mapping[str, Any] | None = None
+  workdir: str,
+  step: int = 0,
+  config: Mapping[str, Any] | None = None,
+  changes: Sequence[str] = (),
 ) -> metric_writers.MetricWriter:
   """A TensorBoard writer for the run in WORKDIR from `step` on, writing in a background thread.
 
   The events go to the current attempt's directory, or begin the next attempt's where the
   current one already logged a step after `step` (a resume from an older checkpoint); a
   TensorBoard run that begins gets its header at `step` (`config` as Markdown, the hparams).
+  A resume that carries on in the same TensorBoard run with `changes` (the settings changed
+  since, 'name old -> new') gets the new config at `step`, the changes above it.
   With several processes, process 0 alone writes and the others' writer does nothing.
   """
   if jax.process_index() > 0:
@@ -56,6 +61,9 @@ def create_writer(
   writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
   if last is None or note:
     _write_header(writer, step, _name(workdir, logdir), config, note)
+  elif changes and config is not None:
+    told = f"Settings changed on resuming from step {step}: {'; '.join(changes)}.\n\n"
+    writer.write_texts(step, {"config": told + config_markdown(flatten_config(config))})
   return writer
 
 

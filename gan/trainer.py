@@ -358,8 +358,9 @@ def _set_up(
   step = int(parallel.to_host(state.step))
   if step:
     state = _apply_changed_settings(state, changed)
+  changes = []
   if parallel.is_main_process():
-    _write_config(workdir, config, step)  # only now: the checkpoint fits this config
+    changes = _write_config(workdir, config, step)  # only now: the checkpoint fits this config
     _write_skip_list(workdir, source.skipped_files)
   run = _Run(
     config=config,
@@ -369,7 +370,7 @@ def _set_up(
     make_initial=lambda: state_lib.create_train_state(config, mesh)[1],
     abstract=abstract,
     ckpt=ckpt,
-    writer=monitoring.create_writer(workdir, step, config.to_dict()),
+    writer=monitoring.create_writer(workdir, step, config.to_dict(), changes),
     timings=timings,
     batch_sharding=batch_sharding,
     source=source,
@@ -525,20 +526,29 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+def _write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> list[str]:
   """Writes WORKDIR/config.json. A resume from `step` with other settings first keeps the
   previous file as config.<step>.json (config.<step>-2.json, ... when that is taken), so the
-  settings that trained each checkpoint stay on record."""
+  settings that trained each checkpoint stay on record. Returns the changed fields, each as
+  'name old -> new' (none for a new run)."""
   path = os.path.join(workdir, "config.json")
   text = json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True) + "\n"
+  changes = []
   if step and os.path.exists(path):
     with open(path) as f:
       previous = f.read()
     if previous != text:
       _keep_previous_config(workdir, step, previous)
+      old, new = (monitoring.flatten_config(json.loads(t)) for t in (previous, text))
+      changes = [
+        f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+      ]
   with open(f"{path}.tmp", "w") as f:  # then renamed: a crash never leaves half a config.json
     f.write(text)
   os.replace(f"{path}.tmp", path)
+  return changes
 
 
 def _keep_previous_config(workdir: str, step: int, text: str) -> None:

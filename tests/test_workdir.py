@@ -9,6 +9,8 @@ import sys
 
 import pytest
 from conftest import ROOT, tiny_config
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from gan import trainer, workdir_lock
 from gan.errors import UserError
@@ -98,10 +100,11 @@ def test_a_resume_with_other_settings_keeps_the_previous_config_under_its_step(t
   trainer._write_config(workdir, first, 0)
   trainer._write_config(workdir, second, 0)  # a fresh start: nothing trained with `first` is kept
   kept = _read(workdir, "config.json")
-  trainer._write_config(workdir, second, 4)  # a resume with the same settings: nothing to keep
+  # A resume with the same settings: nothing to keep, nothing changed.
+  assert trainer._write_config(workdir, second, 4) == []
   assert sorted(os.listdir(workdir)) == ["config.json"]
 
-  trainer._write_config(workdir, third, 4)
+  assert trainer._write_config(workdir, third, 4) == ["train.g_lr 0.0002 -> 0.0003"]
   assert _read(workdir, "config.4.json") == kept
   trainer._write_config(workdir, first, 4)  # another resume from step 4, other settings again
   assert json.loads(_read(workdir, "config.4-2.json"))["train"]["g_lr"] == 3e-4
@@ -116,3 +119,14 @@ def test_resuming_with_a_changed_learning_rate_keeps_the_old_config_json(workdir
   trainer.train_and_evaluate(tiny_config("dense", train__num_steps=4, train__g_lr=1e-5), workdir)
   assert _read(workdir, "config.2.json") == before
   assert json.loads(_read(workdir, "config.json"))["train"]["g_lr"] == 1e-5
+  # TensorBoard's Text tab shows the new settings where they began, the changes first.
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  texts = {
+    e.step: tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in acc.Tensors("config")
+  }
+  assert sorted(texts) == [0, 2]
+  assert texts[2].startswith(
+    "Settings changed on resuming from step 2: train.g_lr 0.0002 -> 1e-05;"
+  )
+  assert "train.num_steps 2 -> 4" in texts[2] and "| `train.g_lr` | `1e-05` |" in texts[2]
