@@ -183,6 +183,7 @@ def test_each_loss_rewards_d_for_telling_real_from_fake(name):
     ("train__b1", 1.0, r"train.b1 must be in \[0, 1\)"),
     ("collapse__rollback_b1", -0.5, "collapse.rollback_b1 must be in"),
     ("collapse__lr_factor", 0.0, "collapse.lr_factor must be in"),
+    ("checkpoint__best_metric", "fid", r"best_metric fid is not among what eval.metrics \("),
   ],
 )
 def test_bad_settings_are_refused_before_any_work(field, value, message):

@@ -36,6 +36,20 @@ def check_names(metrics: Sequence[str]) -> None:
     raise UserError(f"unknown metrics {', '.join(unknown)}; choose from {', '.join(METRICS)}")
 
 
+def scalar_names(metrics: Sequence[str], resolution: int) -> list[str]:
+  """The names of the scalars `metrics` give at `resolution` (what checkpoint.best_metric may
+  rank by)."""
+  names = {
+    "swd": [f"swd_{size}px" for size in swd.level_sizes(resolution)] + ["swd_mean"],
+    "fid": ["fid"],
+    "kid": ["kid", "kid_std"],
+    "precision_recall": ["precision", "recall"],
+    "density_coverage": ["density", "coverage"],
+    "modes": ["modes_covered", "kl_uniform"],
+  }
+  return [name for metric in metrics for name in names[metric]]
+
+
 def reference_key(data_config, num_samples: int, split: str = "train") -> str:
   """Names a reference set in the feature cache: dataset, split, resolution and image count.
 

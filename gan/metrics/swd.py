@@ -153,6 +153,14 @@ def sliced_wasserstein(
   return results
 
 
+def level_sizes(resolution: int, min_resolution: int = 16) -> list[int]:
+  """The sides of the pyramid levels sliced_wasserstein compares, finest first."""
+  sizes = [resolution]
+  while sizes[-1] > min_resolution:  # as laplacian_pyramid halves
+    sizes.append(sizes[-1] // 2)
+  return sizes
+
+
 @jax.jit
 def _normalise(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Flattens [M, P, P, C] descriptors after subtracting and dividing by the shared mean/std."""
