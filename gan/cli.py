@@ -39,6 +39,17 @@ class _Orphans(std_logging.Filter):
     return record.name != "asyncio" or "exception was never retrieved" not in record.getMessage()
 
 
+class _NotYetPrepared(std_logging.Filter):
+  """Drops TFDS's warning that a dataset's version folder has no dataset_info.json: TFDS logs it
+  whenever the dataset is not prepared yet, even with no such folder, just before the builder
+  prepares it or the script says in one line why it cannot."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return f"{os.sep}tensorflow_datasets{os.sep}" not in record.pathname or not (
+      record.getMessage().endswith("has no dataset_info.json")
+    )
+
+
 def _one_line(error: Exception) -> str:
   # config_flags wraps what a config file raises in a quoted message with its traceback.
   text = str(error).replace("\\n", "\n").replace("\\'", "'")
@@ -157,6 +168,7 @@ def run(main) -> None:
     # each of its threads; the failure reaches the trainer as one error, reported below.
     handler.addFilter(_Quieter(std_logging.CRITICAL, "orbax"))
     handler.addFilter(_Orphans())
+    handler.addFilter(_NotYetPrepared())
     try:
       import tensorflow as tf  # here, after flag parsing, so --help and flag errors stay fast
 

@@ -82,6 +82,24 @@ async def _some_other_read():
     raise Exception("an error of ours") from e
 
 
+def test_tfds_warning_that_a_dataset_is_not_prepared_yet_is_dropped_and_its_others_kept(tmp_path):
+  import tensorflow_datasets as tfds
+  from absl import logging as absl_logging
+
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  handler.addFilter(cli._NotYetPrepared())
+  absl_logging.get_absl_logger().addHandler(handler)
+  try:
+    for version in ("1.0.0", "latest"):  # not prepared yet; not a version at all
+      tfds.core.utils.file_utils.is_valid_variant_dir(tmp_path / "anime_faces" / version)
+  finally:
+    absl_logging.get_absl_logger().removeHandler(handler)
+  (kept,) = [r.getMessage() for r in records]
+  assert kept.endswith("has invalid version latest")
+
+
 def test_orbax_leftovers_are_dropped_and_other_unraisables_reach_the_hook():
   assert _collected_unraisables(_read_array_index_and_device_put) == []
   (other,) = _collected_unraisables(_some_other_read)
