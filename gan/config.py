@@ -182,17 +182,17 @@ def _check_evaluation(config) -> None:
       f"({config.eval.every}), so that every checkpoint carries a fresh health verdict"
     )
   quality.check_names(config.eval.metrics)
+  if "modes" in config.eval.metrics and config.data.source != "synthetic_faces":
+    raise UserError(
+      f"eval.metrics 'modes' counts the modes of synthetic_faces, which data.source "
+      f"{config.data.source} does not have: leave it out"
+    )
   names = quality.scalar_names(config.eval.metrics, config.data.resolution)
   best = config.checkpoint.best_metric
   if best and config.eval.metrics and best not in names:
     raise UserError(
       f"checkpoint.best_metric {best} is not among what eval.metrics "
       f"({', '.join(config.eval.metrics)}) gives: choose one of {', '.join(names)}, or '' for none"
-    )
-  if "modes" in config.eval.metrics and config.data.source != "synthetic_faces":
-    raise UserError(
-      f"eval.metrics 'modes' counts the modes of synthetic_faces, which data.source "
-      f"{config.data.source} does not have: leave it out"
     )
   if config.eval.metrics:
     _integer(config, "eval.num_samples", 2)
