@@ -4,7 +4,9 @@ import contextlib
 import errno
 import logging as std_logging
 import os
+import signal
 import sys
+import threading
 
 from absl import app, flags, logging
 
@@ -101,10 +103,17 @@ def is_orbax_leftover(unraisable) -> bool:
 
 
 def _unraisable(hook):
-  """Wraps sys.unraisablehook to drop Orbax's leftovers (is_orbax_leftover)."""
+  """Wraps sys.unraisablehook to drop Orbax's leftovers (is_orbax_leftover), and to deliver again
+  a Ctrl-C that landed in a callback whose errors Python ignores (JAX's garbage-collection
+  callback, which runs often while the libraries import): it would be lost, and the run go on."""
 
   def quieter(unraisable):
-    if not is_orbax_leftover(unraisable):
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+      # Sent again a moment later, from another thread: raised here, it would be ignored too.
+      again = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT))
+      again.daemon = True
+      again.start()
+    elif not is_orbax_leftover(unraisable):
       hook(unraisable)
 
   return quieter

@@ -142,6 +142,34 @@ def test_a_user_error_is_the_last_line_whatever_shutdown_prints(ending):
   assert "oneDNN" not in ran.stderr  # TensorFlow's start-up banner (cli.run imports it)
 
 
+# A script whose Ctrl-C lands in a garbage-collection callback, where Python ignores errors.
+_CTRL_C_IN_GC = """
+import gc, signal, time
+from gan import cli
+
+def main(argv):
+  def callback(phase, info):
+    gc.callbacks.remove(callback)
+    signal.default_int_handler(signal.SIGINT, None)  # what Ctrl-C does, here
+  gc.callbacks.append(callback)
+  gc.collect()
+  time.sleep(0.5)
+  print("went on")
+
+cli.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_that_lands_in_a_garbage_collection_callback_still_stops_the_script():
+  ran = subprocess.run(
+    [sys.executable, "-c", _CTRL_C_IN_GC], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert ran.returncode == 2, ran.stderr
+  assert ran.stderr.strip().splitlines()[-1].startswith("error: interrupted"), ran.stderr
+  assert "went on" not in ran.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
   "script", ["train.py", "sample.py", "evaluate.py", "checkpoints.py", "benchmark.py"]
