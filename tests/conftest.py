@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,6 +17,11 @@ from gan.health import verdict
 
 _RECIPES = {"dcgan": dcgan, "dense": dense}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tests' scripts get Ctrl-C as from a terminal even when the suite runs as a background job,
+# which a shell starts with SIGINT ignored, and which its children would inherit.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_script(name: str, *args: str, env=None) -> subprocess.CompletedProcess:
