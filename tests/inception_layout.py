@@ -1,4 +1,4 @@
-"""pytorch-fid's Inception state-dict layout, written out for the tests, and random weights in it."""
+"""pytorch-fid's Inception state-dict layout, written out for the tests, with random weights."""
 
 import functools
 

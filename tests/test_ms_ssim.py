@@ -1,4 +1,4 @@
-"""MS-SSIM: agrees with TensorFlow's reference where five scales fit, and behaves as a similarity."""
+"""MS-SSIM: agrees with TensorFlow's reference where five scales fit; behaves as a similarity."""
 
 import jax
 import jax.numpy as jnp

@@ -3,10 +3,10 @@
 63,565 JPEG face crops of about 90-120 px (splcher, scraped from getchu.com), laid out as
 `images/<id>_<year>.jpg`. The builder reads them from `data.path`, which is one of three: the
 downloaded `archive.zip` itself, a folder holding it (any *.zip there holding `images/...`) or
-its unpacked `images/` folder (itself, or a folder holding it). Preparing checks every file once, skips and counts the bad ones, and writes TFRecords
-into `data.tfds_data_dir`; after that the download is no longer needed. The prepared dataset
-remembers its download (file names and sizes): a data.path naming another one is an error, never
-the old images in its place.
+its unpacked `images/` folder (itself, or a folder holding it). Preparing checks every file once,
+skips and counts the bad ones, and writes TFRecords into `data.tfds_data_dir`; after that the
+download is no longer needed. The prepared dataset remembers its download (file names and
+sizes): a data.path naming another one is an error, never the old images in its place.
 
 Stored images: the original JPEG bytes whenever the file is already an RGB or grayscale JPEG
 (as the Kaggle crops are): no second lossy encoding, the smallest files, and the fastest

@@ -59,7 +59,8 @@ def judge(signals: Mapping[str, float], config, streak: int, step: int) -> Judge
   gap = signals["ms_ssim"] - signals["ms_ssim_real"]
   if gap > config.max_ms_ssim_gap:
     reasons.append(
-      f"samples' MS-SSIM {signals['ms_ssim']:.3f} exceeds real {signals['ms_ssim_real']:.3f} by {gap:.3f}"
+      f"samples' MS-SSIM {signals['ms_ssim']:.3f} exceeds real "
+      f"{signals['ms_ssim_real']:.3f} by {gap:.3f}"
     )
   if signals["duplicate_rate"] > config.max_duplicate_rate:
     reasons.append(f"{signals['duplicate_rate']:.0%} of samples are near duplicates")

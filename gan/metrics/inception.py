@@ -318,7 +318,7 @@ class FIDInceptionV3(nnx.Module):
   """Images [N, 299, 299, 3] in [-1, 1] -> pool3 features [N, 2048].
 
   Attribute names follow pytorch-fid's (torchvision's) modules, so every parameter path maps to
-  one state-dict key: ('Mixed_5b', 'branch1x1', 'conv', 'kernel') <-> Mixed_5b.branch1x1.conv.weight.
+  one state-dict key: ('Mixed_5b', 'branch1x1', 'conv', 'kernel') is Mixed_5b.branch1x1.conv.weight.
   """
 
   def __init__(self, *, rngs: nnx.Rngs):
