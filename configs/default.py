@@ -69,9 +69,10 @@ def get_config(arg=None):
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every = 1000  # steps between sample grids (TensorBoard and samples/*.png)
   evaluation.grid_size = 64  # samples in the grid, drawn from one fixed noise batch
-  # Quality metrics every eval.every steps: swd and, on synthetic_faces, modes (no weights
-  # needed), and fid, kid, precision_recall, density_coverage (Inception-v3 at 299 px on every
-  # image, with pytorch-fid's weights, downloaded on first use; see README.md). () turns them off.
+  # Quality metrics every eval.every steps: swd, precision_recall_rvgg, density_coverage_rvgg
+  # (a VGG-16 with fixed random weights) and, on synthetic_faces, modes (no weights needed), and
+  # fid, kid, precision_recall, density_coverage (Inception-v3 at 299 px on every image, with
+  # pytorch-fid's weights, downloaded on first use; see README.md). () turns them off.
   evaluation.metrics = ("swd",)
   evaluation.num_samples = 1000  # generated (and real) images the quality metrics compare
   # pytorch-fid's Inception .pth; '' is $GAN_INCEPTION_WEIGHTS, else ~/.cache/gan (downloaded).

@@ -4,10 +4,17 @@
 
 Generates --num_samples images from the EMA generator of the chosen checkpoint (the latest by
 default; --generator=raw for its raw weights) and compares them with as many training images, or
-with the images at --real_path (a held-out split of the same kind of data). All metrics but swd
-need pytorch-fid's Inception weights, downloaded into ~/.cache/gan on first use (see README). When
-they cannot be had, metrics asked for with --metrics are an error of one line; metrics taken from
-the run's eval.metrics are skipped with a warning.
+with the images at --real_path (a held-out split of the same kind of data). fid, kid,
+precision_recall and density_coverage need pytorch-fid's Inception weights, downloaded into
+~/.cache/gan on first use (see README); swd and the `_rvgg` pair need nothing. When the weights
+cannot be had, metrics asked for with --metrics are an error of one line; metrics taken from the
+run's eval.metrics are skipped with a warning.
+
+    python scripts/evaluate.py --workdir=runs/dcgan --real_path=held_out \
+        --metrics=swd,precision_recall_rvgg --generator=raw
+
+scores the raw generator's samples against a held-out folder by SWD and by precision and recall
+on the random-VGG embedding.
 
     python scripts/evaluate.py --workdir=runs/dcgan_synthetic --metrics=modes
 

@@ -18,7 +18,7 @@ from gan import config as config_lib
 from gan import state as state_lib
 from gan.data import synthetic_faces
 from gan.errors import UserError
-from gan.metrics import inception, quality
+from gan.metrics import inception, quality, random_vgg
 
 pytestmark = pytest.mark.xdist_group("test_evaluate")  # its tests share runs: one worker
 
@@ -171,6 +171,28 @@ def test_inception_metrics_without_weights_are_skipped_or_an_error_when_required
   assert evaluator.metrics == ("swd",)
   with pytest.raises(UserError, match="no weights here"):
     quality.Evaluator(("fid",), real, require_inception=True, **kwargs)
+
+
+def test_random_vgg_metrics_need_no_weights_and_cache_their_own_real_features(
+  tmp_path, monkeypatch
+):
+  def no_weights(path=None):
+    raise UserError("no weights here")
+
+  monkeypatch.setattr(inception, "resolve_weights", no_weights)
+  real, fake = _faces(0, 32), _faces(100, 24)
+  names = ("precision_recall_rvgg", "density_coverage_rvgg")
+
+  def evaluator():
+    return quality.Evaluator(
+      names, real, key=jax.random.key(0), reference="faces_train_32px_32", cache_dir=str(tmp_path)
+    )
+
+  scores = evaluator()(fake)
+  assert set(scores) == set(quality.scalar_names(names, 32))
+  assert set(scores) == {"precision_rvgg", "recall_rvgg", "density_rvgg", "coverage_rvgg"}
+  assert os.listdir(tmp_path) == [f"faces_train_32px_32_rvgg-{random_vgg.SEED}.npz"]
+  assert evaluator()(fake) == scores
 
 
 def test_the_reference_key_tells_datasets_apart():

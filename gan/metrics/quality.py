@@ -5,12 +5,15 @@ Metrics, by name:
   fid, kid          Frechet and kernel Inception distances
   precision_recall  improved precision and recall (k=3) on Inception features
   density_coverage  density and coverage (k=5) on Inception features
+  precision_recall_rvgg, density_coverage_rvgg
+                    the same two on the features of a VGG-16 with fixed random weights
+                    (`random_vgg`; no download), as `precision_rvgg`, `recall_rvgg`, ...
   modes             synthetic_faces only: of its 1,000 modes, how many the samples cover and
                     the KL divergence of their mode histogram from uniform (PacGAN's count),
                     and the same for the real images; by the project's mode classifier
-All but swd and modes need pytorch-fid's Inception weights, downloaded on first use
-(`inception.resolve_weights`). The Inception features of the real images are cached per
-reference set and weights file, and shared by the four.
+fid, kid, precision_recall and density_coverage need pytorch-fid's Inception weights, downloaded
+on first use (`inception.resolve_weights`). The real images' features are cached per reference
+set and embedding (and weights file), and shared by the metrics on that embedding.
 """
 
 import hashlib
@@ -23,10 +26,20 @@ import numpy as np
 from absl import logging
 
 from gan.errors import UserError
-from gan.metrics import fid, inception, mode_classifier, precision_recall, swd
+from gan.metrics import fid, inception, mode_classifier, precision_recall, random_vgg, swd
 
-METRICS = ("swd", "fid", "kid", "precision_recall", "density_coverage", "modes")
+METRICS = (
+  "swd",
+  "fid",
+  "kid",
+  "precision_recall",
+  "density_coverage",
+  "precision_recall_rvgg",
+  "density_coverage_rvgg",
+  "modes",
+)
 INCEPTION_METRICS = frozenset({"fid", "kid", "precision_recall", "density_coverage"})
+RANDOM_VGG_METRICS = frozenset({"precision_recall_rvgg", "density_coverage_rvgg"})
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "gan", "reference_features")
 
 
@@ -45,6 +58,8 @@ def scalar_names(metrics: Sequence[str], resolution: int) -> list[str]:
     "kid": ["kid", "kid_std"],
     "precision_recall": ["precision", "recall"],
     "density_coverage": ["density", "coverage"],
+    "precision_recall_rvgg": ["precision_rvgg", "recall_rvgg"],
+    "density_coverage_rvgg": ["density_rvgg", "coverage_rvgg"],
     "modes": ["modes_covered", "kl_uniform"],
   }
   return [name for metric in metrics for name in names[metric]]
@@ -84,7 +99,7 @@ class Evaluator:
     key: the randomness of SWD, the same at every evaluation.
     reference: names the real set in the feature cache (see `reference_key`).
     inception_weights: the Inception .pth; '' for `inception.resolve_weights`' choice.
-    cache_dir: where the real images' Inception features are kept.
+    cache_dir: where the real images' features are kept.
     require_inception: raise when Inception metrics are asked for and the weights cannot be
       had, rather than warn and go on with the weight-free metrics.
     """
@@ -111,6 +126,12 @@ class Evaluator:
         cache_dir, f"{reference}_inception-{sha256[:8]}", lambda: self._features(self._real)
       )
       self._real_stats = fid.feature_statistics(self._real_features)
+    self._rvgg = None
+    if RANDOM_VGG_METRICS & set(self.metrics):
+      self._rvgg = random_vgg.load_random_vgg()
+      self._real_rvgg = fid.reference_features(
+        cache_dir, f"{reference}_rvgg-{random_vgg.SEED}", lambda: self._rvgg(self._real)
+      )
 
   def __call__(self, fake_images: np.ndarray) -> dict[str, float]:
     """The metrics of `fake_images` ([M, R, R, 3] in [-1, 1]) against the real set."""
@@ -134,6 +155,14 @@ class Evaluator:
         results.update(precision_recall.precision_recall(self._real_features, fake_features))
       if "density_coverage" in self.metrics:
         results.update(precision_recall.density_coverage(self._real_features, fake_features))
+    if self._rvgg is not None:
+      fake_rvgg = self._rvgg(fake)
+      if "precision_recall_rvgg" in self.metrics:
+        found = precision_recall.precision_recall(self._real_rvgg, fake_rvgg)
+        results.update({f"{k}_rvgg": v for k, v in found.items()})
+      if "density_coverage_rvgg" in self.metrics:
+        found = precision_recall.density_coverage(self._real_rvgg, fake_rvgg)
+        results.update({f"{k}_rvgg": v for k, v in found.items()})
     return {k: float(v) for k, v in results.items()}
 
 
