@@ -29,7 +29,7 @@ from flax import nnx
 from jax import lax
 
 from gan.errors import UserError
-from gan.metrics import pth
+from gan.metrics import embedding, pth
 
 FID_WEIGHTS_ENV = "GAN_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -436,17 +436,8 @@ def load_inception(path: str | None = None, batch_size: int = 50):
     return nnx.merge(graphdef, state)(images)
 
   def features(images) -> np.ndarray:
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
-    num = images.shape[0]
-    chunk = max(1, min(batch_size, num))
-    out = [np.zeros((0, FEATURES), np.float32)]
-    for start in range(0, num, chunk):
-      batch = np.asarray(images[start : start + chunk], np.float32)
-      real = batch.shape[0]
-      if real < chunk:
-        batch = np.concatenate([batch, np.zeros((chunk - real, *batch.shape[1:]), np.float32)])
-      out.append(np.asarray(forward(state, resize(batch)))[:real])
-    return np.concatenate(out)
+    return embedding.in_batches(
+      lambda batch: forward(state, resize(batch)), images, batch_size, FEATURES
+    )
 
   return features

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gan.metrics import embedding
+
 SEED = 0
 INPUT_SIZE = 64
 FEATURES = 64
@@ -72,15 +74,6 @@ def load_random_vgg(batch_size: int = 100):
   forward = jax.jit(embed)
 
   def features(images) -> np.ndarray:
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
-    chunk = max(1, min(batch_size, images.shape[0]))
-    out = [np.zeros((0, FEATURES), np.float32)]
-    for start in range(0, images.shape[0], chunk):
-      batch = np.asarray(images[start : start + chunk], np.float32)
-      pad = chunk - batch.shape[0]
-      padded = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), np.float32)])
-      out.append(np.asarray(forward(weights, padded))[: batch.shape[0]])
-    return np.concatenate(out)
+    return embedding.in_batches(lambda batch: forward(weights, batch), images, batch_size, FEATURES)
 
   return features
