@@ -85,6 +85,26 @@ def load_run(
     ckpt.close()
 
 
+def checkpoint_steps(workdir: str, wanted: list[int] | None = None) -> list[int]:
+  """The steps of a run's checkpoints, oldest first: all of them, or `wanted` once each is found.
+
+  Raises:
+    UserError: when the workdir holds no run or no checkpoint, or a wanted step is not saved
+      (naming the saved ones).
+  """
+  read_config(workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    for step in wanted or ():
+      ckpt.require(step)
+    steps = sorted(set(wanted)) if wanted else ckpt.all_steps()
+  finally:
+    ckpt.close()
+  if not steps:
+    raise UserError(f"{workdir} holds no checkpoints yet")
+  return steps
+
+
 def generator_params(state: TrainState, generator: str):
   """The weights of a state's `generator`: 'ema' (what training draws) or 'raw'."""
   return state.ema if generator == "ema" else state.g.params

@@ -4,17 +4,20 @@
 
 Generates --num_samples images from the EMA generator of the chosen checkpoint (the latest by
 default; --generator=raw for its raw weights) and compares them with as many training images, or
-with the images at --real_path (a held-out split of the same kind of data). fid, kid,
+with the images at --real_path (a held-out split of the same kind of data). It prints one JSON
+object per line: one per checkpoint and generator, with --step=N,M,... or --step=all (every
+saved checkpoint, oldest first) and --generator=ema,raw; the real images, their features and the
+noise are the same for all of them. fid, kid,
 precision_recall and density_coverage need pytorch-fid's Inception weights, downloaded into
 ~/.cache/gan on first use (see README); swd and the `_rvgg` pair need nothing. When the weights
 cannot be had, metrics asked for with --metrics are an error of one line; metrics taken from the
 run's eval.metrics are skipped with a warning.
 
-    python scripts/evaluate.py --workdir=runs/dcgan --real_path=held_out \
-        --metrics=swd,precision_recall_rvgg --generator=raw
+    python scripts/evaluate.py --workdir=runs/dcgan --real_path=held_out --step=all \
+        --metrics=swd,precision_recall_rvgg --generator=ema,raw
 
-scores the raw generator's samples against a held-out folder by SWD and by precision and recall
-on the random-VGG embedding.
+scores both generators of every checkpoint against a held-out folder by SWD and by precision and
+recall on the random-VGG embedding: the run's quality over training time.
 
     python scripts/evaluate.py --workdir=runs/dcgan_synthetic --metrics=modes
 
@@ -31,7 +34,14 @@ from gan import cli
 from gan.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "The checkpoint to evaluate; the latest by default.")
+_STEP = flags.DEFINE_list(
+  "step", None, "The checkpoint(s) to evaluate: N, N,M,... or all; the latest by default."
+)
+flags.register_validator(
+  "step",
+  lambda steps: steps is None or steps == ["all"] or all(s.isdigit() for s in steps),
+  "--step takes checkpoint steps (N or N,M,...) or all",
+)
 _METRICS = flags.DEFINE_list(
   "metrics", None, "Metrics to compute; the run's eval.metrics by default."
 )
@@ -39,8 +49,13 @@ _NUM_SAMPLES = flags.DEFINE_integer(
   "num_samples", None, "Images per set; the run's by default (26,000 for --metrics=modes)."
 )
 _MODES_SAMPLES = 26_000  # PacGAN's protocol for counting Stacked-MNIST's 1,000 modes
-_GENERATOR = flags.DEFINE_enum(
-  "generator", "ema", ["ema", "raw"], "The EMA of G's weights (what samples show) or the raw ones."
+_GENERATOR = flags.DEFINE_list(
+  "generator", ["ema"], "ema (the EMA of G's weights, what samples show), raw, or both: ema,raw."
+)
+flags.register_validator(
+  "generator",
+  lambda names: bool(names) and set(names) <= {"ema", "raw"},
+  "--generator takes ema, raw or ema,raw",
 )
 _REAL_PATH = flags.DEFINE_string(
   "real_path",
@@ -63,7 +78,11 @@ def main(argv):
 
   if _REAL_PATH.value is not None and not os.path.exists(_REAL_PATH.value):
     raise UserError(f"--real_path {_REAL_PATH.value} does not exist")
-  config, nets, state = inference.load_run(_WORKDIR.value, _STEP.value)
+  steps = [None]  # the latest
+  if _STEP.value:
+    wanted = None if _STEP.value == ["all"] else [int(s) for s in _STEP.value]
+    steps = inference.checkpoint_steps(_WORKDIR.value, wanted)
+  config, nets, state = inference.load_run(_WORKDIR.value, steps[0])
   metrics = _METRICS.value or list(config.eval.metrics) or ["swd"]
   if "modes" in metrics and config.data.source != "synthetic_faces":
     raise UserError(f"--metrics=modes needs a synthetic_faces run, not {config.data.source}")
@@ -87,17 +106,23 @@ def main(argv):
     require_inception=_METRICS.value is not None,
   )
   noise = inference.noise(key, num, nets.latent_dim)
-  params = inference.generator_params(state, _GENERATOR.value)
-  fake = inference.generate_many(inference.sampler(nets), params, state.g.batch_stats, noise)
-  results = {
-    "step": int(state.step),
-    "num_samples": num,
-    "generator": _GENERATOR.value,
-    "real": config.data.path if config.data.source != "synthetic_faces" else "synthetic_faces",
-    **evaluator(fake),
-  }
-  logging.info("Evaluated %s: %s", os.path.abspath(_WORKDIR.value), results)
-  print(json.dumps(results, indent=1, sort_keys=True))
+  sample_fn = inference.sampler(nets)  # compiled once: every checkpoint has the same networks
+  real_name = config.data.path if config.data.source != "synthetic_faces" else "synthetic_faces"
+  for step in steps:
+    if step != steps[0]:
+      _, _, state = inference.load_run(_WORKDIR.value, step)
+    for generator in dict.fromkeys(_GENERATOR.value):
+      params = inference.generator_params(state, generator)
+      fake = inference.generate_many(sample_fn, params, state.g.batch_stats, noise)
+      results = {
+        "step": int(state.step),
+        "num_samples": num,
+        "generator": generator,
+        "real": real_name,
+        **evaluator(fake),
+      }
+      logging.info("Evaluated %s: %s", os.path.abspath(_WORKDIR.value), results)
+      print(json.dumps(results, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":

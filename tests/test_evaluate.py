@@ -100,10 +100,42 @@ def test_evaluate_prints_fid_and_kid_with_the_weights_file_present(run, tmp_path
 
 
 @pytest.mark.slow
-def test_evaluate_an_unknown_step_lists_the_saved_ones(run):
-  result = run_script("evaluate.py", f"--workdir={run}", "--step=3")
+def test_evaluate_scores_every_checkpoint_and_both_generators_as_single_calls_do(run):
+  result = run_script(
+    "evaluate.py", f"--workdir={run}", "--step=all", "--generator=ema,raw", "--num_samples=16"
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.splitlines()]
+  assert [(r["step"], r["generator"]) for r in lines] == [
+    (2, "ema"),
+    (2, "raw"),
+    (4, "ema"),
+    (4, "raw"),
+  ]
+  # The same real images, noise and metric randomness for each: a single call agrees exactly.
+  single = run_script(
+    "evaluate.py", f"--workdir={run}", "--step=2", "--generator=raw", "--num_samples=16"
+  )
+  assert single.returncode == 0, single.stderr[-2000:]
+  assert json.loads(single.stdout) == lines[1]
+  assert lines[0]["swd_mean"] != lines[2]["swd_mean"]  # other weights, other scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "flag, says",
+  [
+    ("--step=3", "saved steps: 2, 4"),
+    ("--step=2,3", "no checkpoint at step 3"),
+    ("--step=last", "--step takes checkpoint steps (N or N,M,...) or all"),
+    ("--generator=emma", "--generator takes ema, raw or ema,raw"),
+  ],
+)
+def test_evaluate_a_step_or_generator_it_cannot_have_is_one_line(run, flag, says):
+  result = run_script("evaluate.py", f"--workdir={run}", flag)
   assert result.returncode == 2
-  assert "saved steps: 2, 4" in result.stderr
+  assert says in result.stderr.strip().splitlines()[-1]
+  assert result.stdout == ""  # nothing evaluated before the error
 
 
 def _faces(first: int, num: int) -> np.ndarray:
