@@ -5,13 +5,12 @@
 Generates --num_samples images from the EMA generator of the chosen checkpoint (the latest by
 default; --generator=raw for its raw weights) and compares them with as many training images, or
 with the images at --real_path (a held-out split of the same kind of data). It prints one JSON
-object per line: one per checkpoint and generator, with --step=N,M,... or --step=all (every
-saved checkpoint, oldest first) and --generator=ema,raw; the real images, their features and the
-noise are the same for all of them. fid, kid,
-precision_recall and density_coverage need pytorch-fid's Inception weights, downloaded into
-~/.cache/gan on first use (see README); swd and the `_rvgg` pair need nothing. When the weights
-cannot be had, metrics asked for with --metrics are an error of one line; metrics taken from the
-run's eval.metrics are skipped with a warning.
+object per line: one per checkpoint and generator, with --step=N,M,... or --step=all (every saved
+checkpoint, oldest first) and --generator=ema,raw; the real images, their features and the noise
+are the same for all of them. fid, kid, precision_recall and density_coverage need pytorch-fid's
+Inception weights, downloaded into ~/.cache/gan on first use (see README); swd and the `_rvgg` pair
+need nothing. When the weights cannot be had, metrics asked for with --metrics are an error of one
+line; metrics taken from the run's eval.metrics are skipped with a warning.
 
     python scripts/evaluate.py --workdir=runs/dcgan --real_path=held_out --step=all \
         --metrics=swd,precision_recall_rvgg --generator=ema,raw
