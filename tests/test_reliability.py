@@ -107,9 +107,12 @@ def test_killed_four_times_the_run_resumes_and_ends_bit_for_bit_as_an_unbroken_o
 
 
 # Runs a script with files limited to LIMIT bytes: a write past it fails as on a full disk
-# (SIGXFSZ ignored, so the write fails rather than the process).
+# (SIGXFSZ ignored, so the write fails rather than the process). It keeps out of the shared
+# compilation cache, where a compiled program cut short by the limit would stay, truncated and
+# without its access-time file, failing every later process's writes to the cache.
 _LIMITED = """
-import resource, runpy, signal, sys
+import os, resource, runpy, signal, sys
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 limit = int(sys.argv.pop(1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
