@@ -3,9 +3,12 @@
     python scripts/checkpoints.py list --workdir=runs/dcgan
     python scripts/checkpoints.py rollback --workdir=runs/dcgan --step=12000
 
-`rollback` moves the checkpoints after --step to WORKDIR/checkpoints_aside/<time>/ (nothing is
-deleted), so the next `scripts/train.py` run with this workdir continues from --step. `list`
-shows a checkpoint whose metrics cannot be read as "damaged"; training never uses it.
+`list` shows each checkpoint's verdict, losses, health signals (modes covered and KL from
+uniform on synthetic_faces, MS-SSIM, near duplicates, NDB) and the EMA generator's SWD, leaving
+out the columns no checkpoint of the run has; a checkpoint whose metrics cannot be read is
+"damaged", and training never uses it. `rollback` moves the checkpoints after --step to
+WORKDIR/checkpoints_aside/<time>/ (nothing is deleted), so the next `scripts/train.py` run with
+this workdir continues from --step.
 """
 
 import os
@@ -19,7 +22,7 @@ from gan.health import verdict
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "rollback: the saved step to continue from.")
 
-# The metrics shown beside each step, when the checkpoint has them.
+# The metrics shown beside each step: a column for each that some checkpoint of the run has.
 _COLUMNS = (
   ("d_loss", "d_loss", "{:.3f}"),
   ("g_loss", "g_loss", "{:.3f}"),
@@ -27,6 +30,8 @@ _COLUMNS = (
   ("kl", "health/kl_uniform", "{:.3f}"),
   ("ms_ssim", "health/ms_ssim", "{:.3f}"),
   ("dup", "health/duplicate_rate", "{:.2f}"),
+  ("ndb", "health/ndb_fraction", "{:.2f}"),
+  ("swd", "eval/swd_mean", "{:.1f}"),
 )
 
 
@@ -41,10 +46,13 @@ def _list(ckpt: checkpointing.Checkpointer) -> None:
   steps, damaged = ckpt.all_steps(), ckpt.damaged()
   if not steps and not damaged:
     raise UserError(f"{ckpt.directory} holds no checkpoints")
-  rows = [["step", "verdict", *(name for name, _, _ in _COLUMNS)]]
-  for step in sorted({*steps, *damaged}):
-    metrics = {} if step in damaged else ckpt.metrics(step) or {}
-    cells = [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in _COLUMNS]
+  listed = {
+    step: {} if step in damaged else ckpt.metrics(step) or {} for step in steps + [*damaged]
+  }
+  columns = [c for c in _COLUMNS if any(c[1] in metrics for metrics in listed.values())]
+  rows = [["step", "verdict", *(name for name, _, _ in columns)]]
+  for step, metrics in sorted(listed.items()):
+    cells = [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in columns]
     rows.append([str(step), "damaged" if step in damaged else verdict.verdict_of(metrics), *cells])
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   for row in rows:
