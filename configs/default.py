@@ -65,6 +65,7 @@ def get_config(arg=None):
   checkpoint.asynchronous = True  # save in the background while training goes on
   checkpoint.best_metric = "swd_mean"  # also keep the checkpoint best by this eval metric; '' none
   checkpoint.best_mode = "min"  # min | max: which end of best_metric is best
+  checkpoint.best_generator = "ema"  # ema | raw: whose best_metric ranks (raw needs ema_kimg > 0)
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every = 1000  # steps between sample grids (TensorBoard and samples/*.png)

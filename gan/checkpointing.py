@@ -31,6 +31,10 @@ ASIDE_DIR = "checkpoints_aside"
 # The metric holding a digest of the checkpoint's state (see state_checksum).
 CHECKSUM_METRIC = "checksum/state_sha256"
 
+# Where each generator's quality metrics are among a checkpoint's metrics (and TensorBoard's tags):
+# the EMA of G's weights under eval/, the raw weights under eval_raw/.
+EVAL_PREFIX = {"ema": "eval", "raw": "eval_raw"}
+
 # A test of a checkpoint's metrics, e.g. whether they record a healthy verdict.
 Predicate = Callable[[Mapping[str, Any] | None], bool]
 
@@ -167,7 +171,8 @@ class Checkpointer:
       if config.keep_every:
         keep.append(policies.EveryNSteps(interval_steps=config.keep_every))
       if config.best_metric:
-        keep.append(_best(f"eval/{config.best_metric}", config.best_mode))
+        metric = f"{EVAL_PREFIX[config.best_generator]}/{config.best_metric}"
+        keep.append(_best(metric, config.best_mode))
     self._steps = _ReadableSteps()
     options = ocp.CheckpointManagerOptions(
       step_name_format=self._steps,

@@ -176,6 +176,12 @@ def _resolve_conv_impl(config) -> str:
 def _check_evaluation(config) -> None:
   _integer(config, "checkpoint.keep_every", 0)
   _choice(config, "checkpoint.best_mode", ("min", "max"))
+  _choice(config, "checkpoint.best_generator", ("ema", "raw"))
+  if config.checkpoint.best_generator == "raw" and config.train.ema_kimg == 0:
+    raise UserError(
+      "checkpoint.best_generator raw needs an EMA beside the raw weights, and train.ema_kimg 0 "
+      "keeps none: its one generator is scored as ema; choose that"
+    )
   if config.checkpoint.every % config.eval.every:
     raise UserError(
       f"checkpoint.every ({config.checkpoint.every}) must be a multiple of eval.every "

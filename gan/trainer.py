@@ -242,12 +242,13 @@ def _evaluate(run: _Run, nonfinite: bool) -> verdict.Judgement:
 
 
 def _generators(run: _Run) -> list[tuple[str, dict]]:
-  """The generators the quality metrics score, by tag prefix: the EMA (what samples show and
-  the best checkpoint is chosen by) and, where there is an EMA, the raw weights beside it."""
+  """The generators the quality metrics score, by tag prefix: the EMA (what samples show) and,
+  where there is an EMA, the raw weights beside it."""
   state = run.state
+  ema = (checkpointing.EVAL_PREFIX["ema"], state.ema)
   if run.config.train.ema_kimg == 0:
-    return [("eval", state.ema)]
-  return [("eval", state.ema), ("eval_raw", state.g.params)]
+    return [ema]
+  return [ema, (checkpointing.EVAL_PREFIX["raw"], state.g.params)]
 
 
 def _roll_back(run: _Run, judgement: verdict.Judgement) -> None:

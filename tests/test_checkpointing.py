@@ -132,3 +132,18 @@ def test_the_best_checkpoint_is_kept_and_a_nan_metric_is_never_best(tmp_path, mo
   ckpt.wait()
   best = 2 if mode == "min" else 5
   assert ckpt.all_steps() == sorted({best, 6})
+
+
+@pytest.mark.parametrize(("generator", "best"), [("ema", 2), ("raw", 4)])
+def test_the_best_checkpoint_is_ranked_by_the_chosen_generators_scores(tmp_path, generator, best):
+  _, state = state_lib.create_train_state(tiny_config("dense"))
+  ckpt = _checkpointer(
+    str(tmp_path / "checkpoints"), keep_latest=1, best_metric="swd_mean", best_generator=generator
+  )
+  ema = {1: 5.0, 2: 2.0, 3: 4.0, 4: 6.0, 5: 7.0}
+  raw = {1: 5.0, 2: 6.0, 3: 4.0, 4: 1.0, 5: 3.0}
+  for step in ema:
+    metrics = {"eval/swd_mean": ema[step], "eval_raw/swd_mean": raw[step]}
+    ckpt.save(step, state.replace(step=np.int32(step)), metrics)
+  ckpt.wait()
+  assert ckpt.all_steps() == [best, 5]

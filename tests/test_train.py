@@ -184,11 +184,18 @@ def test_each_loss_rewards_d_for_telling_real_from_fake(name):
     ("collapse__rollback_b1", -0.5, "collapse.rollback_b1 must be in"),
     ("collapse__lr_factor", 0.0, "collapse.lr_factor must be in"),
     ("checkpoint__best_metric", "fid", r"best_metric fid is not among what eval.metrics \("),
+    ("checkpoint__best_generator", "mean", "unknown checkpoint.best_generator 'mean'"),
   ],
 )
 def test_bad_settings_are_refused_before_any_work(field, value, message):
   with pytest.raises(UserError, match=message):
     config_lib.validate(tiny_config("dcgan", **{field: value}))
+
+
+def test_ranking_by_the_raw_generator_needs_an_ema_beside_it():
+  config_lib.validate(tiny_config("dcgan", checkpoint__best_generator="raw"))
+  with pytest.raises(UserError, match="best_generator raw needs an EMA .* train.ema_kimg 0"):
+    config_lib.validate(tiny_config("dcgan", checkpoint__best_generator="raw", train__ema_kimg=0.0))
 
 
 @pytest.mark.slow
