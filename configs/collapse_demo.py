@@ -13,8 +13,8 @@ modes that as many real images cover (about 225). With rollback on (the default)
 back to the start (its earlier checkpoints are unjudged warm-up ones), takes the remedy below
 and finishes its 2,000 steps healthy, covering about 200 modes. docs/collapse.md has the table.
 On half of the 64-px anime subset (seed 0) the anime variant collapsed at step 400 (the grid one
-face; MS-SSIM, near duplicates and NDB all out of bounds); with rollback on, on the other half,
-it went back to the start once and finished healthy.
+face; MS-SSIM and NDB out of bounds); with rollback on, on the other half, it went back to the
+start once and finished healthy.
 """
 
 from configs import dcgan
