@@ -85,3 +85,9 @@ class HealthProbe:
     """The generator's signals beside the real reference, as host floats."""
     measured = parallel.to_host(self._probe(g_params, g_batch_stats))
     return {**{k: float(v) for k, v in measured.items()}, **self.reference}
+
+  def measure(self, images: np.ndarray) -> dict[str, float]:
+    """The signals of any images in [-1, 1] (stand-ins for samples: scripts/probe_stand_ins.py)
+    beside the real reference, as host floats."""
+    measured = jax.device_get(jax.jit(self._signals)(jnp.asarray(images)))
+    return {**{k: float(v) for k, v in measured.items()}, **self.reference}
