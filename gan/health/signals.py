@@ -35,8 +35,8 @@ class HealthProbe:
     """Args:
     config: the whole config (`collapse` and `data` sections are read).
     real_images: [N, R, R, 3] in [-1, 1], the reference the samples are compared with.
-    noise: [N, latent_dim], the fixed noise the samples are drawn from.
-    generate: (g_params, g_batch_stats, z) -> images, jit-compatible.
+    noise: [N, latent_dim], the fixed noise the samples are drawn from (None: `measure` only).
+    generate: (g_params, g_batch_stats, z) -> images, jit-compatible (None: `measure` only).
     key: chooses the MS-SSIM pairs, the same at every evaluation.
     """
     self._config = config
