@@ -73,13 +73,15 @@ class HealthProbe:
     signals, noise = self._signals, jnp.asarray(self._noise)  # made outside the trace
     return jax.jit(lambda params, stats: signals(self._generate(params, stats, noise)))
 
+  def _on_host(self, images) -> dict[str, float]:
+    measured = jax.device_get(jax.jit(self._signals)(jnp.asarray(images)))
+    return {k: float(v) for k, v in measured.items()}
+
   @functools.cached_property
   def reference(self) -> dict[str, float]:
     """The real images' signals, named `<signal>_real`."""
-    real = jax.device_get(jax.jit(self._signals)(jnp.asarray(self._real_images)))
-    return {
-      f"{k}_real": float(v) for k, v in real.items() if k not in ("kl_uniform", "ndb_fraction")
-    }
+    real = self._on_host(self._real_images)
+    return {f"{k}_real": v for k, v in real.items() if k not in ("kl_uniform", "ndb_fraction")}
 
   def __call__(self, g_params, g_batch_stats) -> dict[str, float]:
     """The generator's signals beside the real reference, as host floats."""
@@ -89,5 +91,4 @@ class HealthProbe:
   def measure(self, images: np.ndarray) -> dict[str, float]:
     """The signals of any images in [-1, 1] (stand-ins for samples: scripts/probe_stand_ins.py)
     beside the real reference, as host floats."""
-    measured = jax.device_get(jax.jit(self._signals)(jnp.asarray(images)))
-    return {**{k: float(v) for k, v in measured.items()}, **self.reference}
+    return {**self._on_host(images), **self.reference}
